@@ -1,0 +1,288 @@
+"""Stage directories on disk: streaming readers, a rotating shard writer, the manifest.
+
+A stage directory::
+
+    OUT/
+      data/part-00000.parquet ...     the rows that passed (row-group sized shards)
+      rejects/part-00000.parquet ...  every removed row, whole, with reject_stage and reject_reason
+      manifest.json                   stage, version, params, fingerprints, counts, wall time, lineage
+
+A stage is written into a temporary sibling directory and renamed into place when it is
+complete, so a crash never leaves a half-written directory that looks finished: a directory
+with a manifest is a finished stage. That is what makes ``pipeline`` resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from prefcurate.errors import InputError
+
+DATA_DIR = "data"
+REJECTS_DIR = "rejects"
+MANIFEST = "manifest.json"
+DEFAULT_ROWS_PER_SHARD = 100_000
+DEFAULT_BATCH_ROWS = 16_384
+
+
+def shard_paths(stage_dir: str | Path, subdir: str = DATA_DIR) -> list[Path]:
+    """The Parquet shards of a stage directory (``data`` or ``rejects``), in order."""
+    return sorted((Path(stage_dir) / subdir).glob("*.parquet"))
+
+
+def is_stage_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def require_stage_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such directory", "give the output directory of an earlier stage")
+    if not is_stage_dir(path):
+        raise InputError(
+            f"{path}: not a prefcurate stage directory (no {MANIFEST})",
+            "run `prefcurate ingest` on raw files first",
+        )
+    return path
+
+
+def read_schema(stage_dir: str | Path, subdir: str = DATA_DIR) -> pa.Schema | None:
+    paths = shard_paths(stage_dir, subdir)
+    return pq.read_schema(paths[0]) if paths else None
+
+
+def count_rows(stage_dir: str | Path, subdir: str = DATA_DIR) -> int:
+    """Row count from Parquet footers: no data is read."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(stage_dir, subdir))
+
+
+def iter_batches(
+    stage_dir: str | Path,
+    columns: Sequence[str] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    subdir: str = DATA_DIR,
+) -> Iterator[pa.RecordBatch]:
+    """Stream a stage directory's rows as record batches; memory is bounded by ``batch_rows``.
+
+    ``columns`` reads only those columns (global steps read just what they need). Columns a
+    shard lacks are an error: shards of one directory share one schema.
+    """
+    for path in shard_paths(stage_dir, subdir):
+        pf = pq.ParquetFile(path)
+        cols = list(columns) if columns is not None else None
+        if cols is not None:
+            missing = [c for c in cols if c not in pf.schema_arrow.names]
+            if missing:
+                raise InputError(
+                    f"{path}: column(s) {', '.join(missing)} not present",
+                    "run the stage that produces them first",
+                )
+        yield from pf.iter_batches(batch_size=batch_rows, columns=cols)
+
+
+def read_table(stage_dir: str | Path, columns: Sequence[str] | None = None, subdir: str = DATA_DIR) -> pa.Table:
+    """A whole stage directory (or only ``columns`` of it) as one table, for small data and global steps."""
+    batches = list(iter_batches(stage_dir, columns, subdir=subdir))
+    if batches:
+        return pa.Table.from_batches(batches)
+    schema = read_schema(stage_dir, subdir)
+    if schema is None:
+        return pa.table({c: pa.array([], pa.null()) for c in columns or []})
+    return schema.empty_table().select(list(columns)) if columns else schema.empty_table()
+
+
+class ShardWriter:
+    """Writes batches as ``part-NNNNN.parquet`` shards of at most ``rows_per_shard`` rows.
+
+    The first batch fixes the schema; later batches are cast to it (a column that is null in
+    the first batch and typed later is widened by ``unify``). Each shard is one row group.
+    """
+
+    def __init__(self, directory: str | Path, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> None:
+        self.directory = Path(directory)
+        self.rows_per_shard = rows_per_shard
+        self.rows = 0
+        self.shards = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._schema: pa.Schema | None = None
+
+    def write(self, data: pa.Table | pa.RecordBatch) -> None:
+        table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
+        if table.num_rows == 0 and self._schema is not None:
+            return
+        table = self._conform(table)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        while self._pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _conform(self, table: pa.Table) -> pa.Table:
+        if self._schema is None:
+            self._schema = table.schema
+            return table
+        if table.schema.equals(self._schema, check_metadata=False):
+            return table
+        if set(table.schema.names) != set(self._schema.names):
+            raise ValueError(
+                f"shard schema changed: {sorted(self._schema.names)} -> {sorted(table.schema.names)}"
+            )
+        table = table.select(self._schema.names)
+        try:
+            return table.cast(self._schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            # A column first seen as all-null: widen the pending schema to the new type.
+            self._schema = pa.unify_schemas([self._schema, table.schema], promote_options="permissive")
+            self._pending = [t.cast(self._schema) for t in self._pending]
+            return table.cast(self._schema)
+
+    def _flush(self, n: int | None = None) -> None:
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        n = table.num_rows if n is None else n
+        head, rest = table.slice(0, n), table.slice(n)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            head.combine_chunks(),
+            self.directory / f"part-{self.shards:05d}.parquet",
+            row_group_size=max(1, head.num_rows),
+            compression="zstd",
+        )
+        self.shards += 1
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+
+    def close(self) -> None:
+        self._flush()
+        if self.shards == 0 and self._schema is not None:
+            # Keep the schema even when nothing passed: downstream stages and stats need it.
+            self.directory.mkdir(parents=True, exist_ok=True)
+            pq.write_table(self._schema.empty_table(), self.directory / "part-00000.parquet")
+            self.shards = 1
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.blake2b(blob, digest_size=12).hexdigest()
+
+
+def files_fingerprint(paths: Sequence[str | Path]) -> str:
+    """Fingerprint of raw input files by path, size and modification time (no content read)."""
+    entries = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            for f in sorted(path.rglob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    entries.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        elif path.exists():
+            st = path.stat()
+            entries.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+        else:
+            entries.append([str(p), None, None])
+    return fingerprint(entries)
+
+
+@dataclass
+class Manifest:
+    """What a stage did: enough to skip an unchanged rerun and to write the dataset card."""
+
+    stage: str
+    version: str
+    params: dict[str, Any]
+    input: str | None
+    input_fingerprint: str
+    fingerprint: str
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    created_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    def summary(self) -> dict[str, Any]:
+        """This stage's entry in the lineage of the stages after it (no nested lineage)."""
+        data = asdict(self)
+        data.pop("lineage")
+        return data
+
+    @classmethod
+    def load(cls, stage_dir: str | Path) -> Manifest:
+        path = Path(stage_dir) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            raise InputError(f"{path}: missing", "is this a prefcurate stage directory?") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise InputError(f"{path}: unreadable manifest ({exc})", "rerun the stage with --fresh") from None
+
+    @classmethod
+    def try_load(cls, stage_dir: str | Path) -> Manifest | None:
+        try:
+            return cls.load(stage_dir)
+        except InputError:
+            return None
+
+
+class StageOutput:
+    """A stage directory being written: data and rejects writers in a temporary directory.
+
+    ``commit`` writes the manifest and renames the directory into place (replacing an older
+    one); ``abort`` removes the temporary directory.
+    """
+
+    def __init__(self, final_dir: str | Path, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> None:
+        self.final_dir = Path(final_dir)
+        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp_dir.mkdir()
+        self.data = ShardWriter(self.tmp_dir / DATA_DIR, rows_per_shard)
+        self.rejects = ShardWriter(self.tmp_dir / REJECTS_DIR, rows_per_shard)
+        self.started = time.perf_counter()
+
+    @property
+    def path(self) -> Path:
+        """Where side files (caches, cards) can be written before commit."""
+        return self.tmp_dir
+
+    def commit(self, manifest: Manifest) -> Path:
+        """Close the writers, stamp time and lineage on the manifest, and move into place."""
+        self.data.close()
+        self.rejects.close()
+        manifest.wall_seconds = round(time.perf_counter() - self.started, 3)
+        manifest.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        manifest.lineage = [*manifest.lineage, manifest.summary()]
+        (self.tmp_dir / MANIFEST).write_text(manifest.to_json())
+        if self.final_dir.exists():
+            trash = self.final_dir.parent / f".{self.final_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.final_dir, trash)
+            os.replace(self.tmp_dir, self.final_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp_dir, self.final_dir)
+        return self.final_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)

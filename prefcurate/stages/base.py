@@ -1,0 +1,297 @@
+"""The stage contract and the logic every stage shares.
+
+A stage is a library object configured by a pydantic model. It reads a ``StageInput`` (a
+stage directory it can stream, more than once when it has a global step) and yields
+``BatchResult``s: the rows it keeps and the rows it removes with a reason. The base does the
+rest, once for every stage: it writes shards and rejects, counts per reason, checks that
+rows in = rows out + rows rejected, times the run, writes the manifest, and skips the run
+when the input fingerprint and options are unchanged.
+
+Row-wise stages implement ``process_batch`` only; a global stage (clustering, cross-fitting)
+overrides ``process`` and makes a first pass over only the columns it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict
+
+from prefcurate import __version__
+from prefcurate.errors import StageFailed
+from prefcurate.schema import REJECT_REASON, REJECT_STAGE
+from prefcurate.shards import (
+    DEFAULT_BATCH_ROWS,
+    Manifest,
+    StageOutput,
+    count_rows,
+    fingerprint,
+    iter_batches,
+    read_schema,
+    require_stage_dir,
+)
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's options. ``extra="forbid"``: an unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def requires(self) -> set[str]:
+        """Columns this stage needs from upstream (checked by ``pipeline --check``)."""
+        return {"id", "prompt", "chosen", "rejected"}
+
+    def produces(self) -> set[str]:
+        """Columns this stage adds."""
+        return set()
+
+    def fingerprint_params(self) -> dict[str, Any]:
+        """The options that change the output (all of them unless a stage says otherwise)."""
+        return self.model_dump(mode="json")
+
+
+class ProgressTask(Protocol):
+    def advance(self, n: int = 1) -> None: ...
+    def set_total(self, total: int | None) -> None: ...
+    def describe(self, text: str) -> None: ...
+
+
+class Progress(Protocol):
+    def task(self, description: str, total: int | None = None, unit: str = "rows") -> ProgressTask: ...
+    def note(self, text: str) -> None: ...
+
+
+class _NullTask:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def set_total(self, total: int | None) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
+        pass
+
+
+class NullProgress:
+    """Progress that shows nothing (library use, tests)."""
+
+    def task(self, description: str, total: int | None = None, unit: str = "rows") -> ProgressTask:
+        return _NullTask()
+
+    def note(self, text: str) -> None:
+        pass
+
+
+def default_cache_dir() -> Path:
+    """Shared cache (embeddings, distilled models): ``$PREFCURATE_CACHE_DIR`` or ``~/.cache/prefcurate``."""
+    env = os.environ.get("PREFCURATE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "prefcurate"
+
+
+@dataclass
+class StageContext:
+    """What a running stage may use besides its input."""
+
+    workdir: Path
+    """The run's working directory: per-run caches (e.g. the judge's request cache) live here."""
+    output: Path
+    """The stage's (temporary) output directory, for side files that ship with the stage."""
+    progress: Progress = field(default_factory=NullProgress)
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Stage-specific figures for the manifest (token usage, cluster sizes, ...)."""
+
+
+class StageInput:
+    """A finished stage directory a stage reads, as many times as it needs."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = require_stage_dir(directory)
+        self.manifest = Manifest.load(self.dir)
+        self.num_rows = count_rows(self.dir)
+        self.schema = read_schema(self.dir)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names) if self.schema is not None else []
+
+    def batches(self, columns: Sequence[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        return iter_batches(self.dir, columns, batch_rows)
+
+
+@dataclass
+class BatchResult:
+    """The rows a stage keeps, and the rows it removes (with a ``reject_reason`` column)."""
+
+    kept: pa.Table
+    rejected: pa.Table | None = None
+    consumed: int | None = None
+    """Input rows this result accounts for (default: kept + rejected)."""
+
+    @property
+    def rows_consumed(self) -> int:
+        if self.consumed is not None:
+            return self.consumed
+        return self.kept.num_rows + (self.rejected.num_rows if self.rejected is not None else 0)
+
+
+def as_table(data: pa.Table | pa.RecordBatch) -> pa.Table:
+    return data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
+
+
+def split(
+    data: pa.Table | pa.RecordBatch,
+    keep: np.ndarray | pa.Array | Sequence[bool],
+    reasons: Sequence[str | None] | np.ndarray | str,
+    extra: dict[str, Sequence[Any] | pa.Array] | None = None,
+) -> BatchResult:
+    """Split rows by a keep mask; removed rows carry their reason and any ``extra`` columns.
+
+    ``reasons`` is one reason for every removed row or one entry per input row (entries of
+    kept rows are ignored). ``extra`` columns are per input row and added to rejects only.
+    """
+    table = as_table(data)
+    mask = np.asarray(keep, dtype=bool)
+    if mask.shape != (table.num_rows,):
+        raise ValueError(f"keep mask has {mask.shape} entries for {table.num_rows} rows")
+    kept = table.filter(pa.array(mask))
+    if mask.all():
+        return BatchResult(kept)
+    drop = ~mask
+    rejected = table.filter(pa.array(drop))
+    idx = np.flatnonzero(drop)
+    if isinstance(reasons, str):
+        reason_col = pa.array([reasons] * len(idx), pa.string())
+    else:
+        reason_arr = np.asarray(reasons, dtype=object)
+        reason_col = pa.array(reason_arr[idx].tolist(), pa.string())
+    rejected = rejected.append_column(REJECT_REASON, reason_col)
+    for name, values in (extra or {}).items():
+        col = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(list(values))
+        rejected = rejected.append_column(name, col.take(pa.array(idx)))
+    return BatchResult(kept, rejected)
+
+
+class Stage:
+    """Base of every stage. Subclasses set ``name`` and ``config_cls`` and implement
+    ``process_batch`` (row-wise) or ``process`` (global)."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[StageConfig]]
+    reject_extras: ClassVar[dict[str, pa.DataType]] = {}
+    """Columns this stage adds to its rejects (typed, so every rejects shard has one schema)."""
+
+    def __init__(self, config: StageConfig) -> None:
+        self.config = config
+
+    # -- what subclasses implement -------------------------------------------------------
+    def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
+        assert source is not None, f"{self.name} needs an input directory"
+        task = ctx.progress.task(self.name, total=source.num_rows)
+        for batch in source.batches():
+            result = self.process_batch(batch, ctx)
+            task.advance(result.rows_consumed)
+            yield result
+
+    def process_batch(self, batch: pa.RecordBatch, ctx: StageContext) -> BatchResult:
+        raise NotImplementedError(f"{type(self).__name__} implements neither process nor process_batch")
+
+    def input_fingerprint(self, source: StageInput | None) -> str:
+        assert source is not None
+        return source.manifest.fingerprint
+
+    def manifest_params(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json")
+
+    # -- shared logic --------------------------------------------------------------------
+    def run(
+        self,
+        input_dir: str | Path | None,
+        output_dir: str | Path,
+        *,
+        workdir: str | Path | None = None,
+        progress: Progress | None = None,
+        fresh: bool = False,
+        rows_per_shard: int | None = None,
+    ) -> tuple[Manifest, bool]:
+        """Run the stage from ``input_dir`` into ``output_dir``; returns (manifest, skipped)."""
+        source = StageInput(input_dir) if input_dir is not None else None
+        in_fp = self.input_fingerprint(source)
+        out_fp = fingerprint(self.name, __version__, in_fp, self.config.fingerprint_params())
+        previous = Manifest.try_load(output_dir)
+        if not fresh and previous is not None and previous.fingerprint == out_fp:
+            return previous, True
+        output = StageOutput(output_dir, **({"rows_per_shard": rows_per_shard} if rows_per_shard else {}))
+        ctx = StageContext(
+            workdir=Path(workdir) if workdir is not None else Path(output_dir).resolve().parent,
+            output=output.path,
+            progress=progress or NullProgress(),
+        )
+        try:
+            counts = self._drain(self.process(source, ctx), output)
+        except BaseException:
+            output.abort()
+            raise
+        rows_in, rows_out, rows_rejected, reasons = counts
+        if source is not None and rows_in != source.num_rows:
+            output.abort()
+            raise StageFailed(f"{self.name}: accounted for {rows_in} of {source.num_rows} input rows (a bug)")
+        manifest = Manifest(
+            stage=self.name,
+            version=__version__,
+            params=self.manifest_params(),
+            input=str(source.dir) if source is not None else None,
+            input_fingerprint=in_fp,
+            fingerprint=out_fp,
+            rows_in=rows_in,
+            rows_out=rows_out,
+            rows_rejected=rows_rejected,
+            reject_reasons=reasons,
+            extra=ctx.extra,
+            lineage=list(source.manifest.lineage) if source is not None else [],
+        )
+        output.commit(manifest)
+        return manifest, False
+
+    def _drain(self, results: Iterator[BatchResult], output: StageOutput) -> tuple[int, int, int, dict[str, int]]:
+        rows_in = rows_out = rows_rejected = 0
+        reasons: dict[str, int] = {}
+        for result in results:
+            rows_in += result.rows_consumed
+            if result.kept.num_rows or output.data.rows == 0:
+                output.data.write(result.kept)
+            rows_out += result.kept.num_rows
+            rej = result.rejected
+            if rej is not None and rej.num_rows:
+                rej = self._conform_rejects(rej)
+                output.rejects.write(rej)
+                rows_rejected += rej.num_rows
+                for value in pc.value_counts(rej[REJECT_REASON]).to_pylist():
+                    reasons[value["values"]] = reasons.get(value["values"], 0) + value["counts"]
+        if rows_in != rows_out + rows_rejected:
+            raise StageFailed(
+                f"{self.name}: {rows_in} rows in but {rows_out} out + {rows_rejected} rejected (a bug)"
+            )
+        return rows_in, rows_out, rows_rejected, reasons
+
+    def _conform_rejects(self, rejected: pa.Table) -> pa.Table:
+        """Give every rejects shard one column order: data columns, extras, stage, reason."""
+        for name, dtype in self.reject_extras.items():
+            if name not in rejected.column_names:
+                rejected = rejected.append_column(name, pa.nulls(rejected.num_rows, dtype))
+        if REJECT_REASON not in rejected.column_names:
+            raise StageFailed(f"{self.name}: rejected rows without {REJECT_REASON} (a bug)")
+        if REJECT_STAGE in rejected.column_names:
+            rejected = rejected.drop_columns([REJECT_STAGE])
+        rejected = rejected.append_column(REJECT_STAGE, pa.array([self.name] * rejected.num_rows, pa.string()))
+        tail = [*self.reject_extras, REJECT_STAGE, REJECT_REASON]
+        head = [c for c in rejected.column_names if c not in tail]
+        return rejected.select(head + tail)
+
