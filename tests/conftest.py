@@ -24,12 +24,13 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache_dir: Path) -> None:
+def isolate(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, model_cache_dir: Path
+) -> None:
     for key in list(os.environ):
         if key.startswith("PREFCURATE_") or key in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "HF_TOKEN", "RAY_ADDRESS"):
             monkeypatch.delenv(key, raising=False)
-    home = tmp_path / "home"
-    home.mkdir()
+    home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

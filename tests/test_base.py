@@ -1,0 +1,109 @@
+"""The stage contract: counting, rejects, manifests, skip-unchanged, crash safety."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import Field
+
+from prefcurate.errors import StageFailed
+from prefcurate.shards import Manifest, count_rows, read_table
+from prefcurate.stages.base import BatchResult, Stage, StageConfig, split
+from tests.conftest import hh_rows, make_stage_dir
+
+
+class ShortFilterConfig(StageConfig):
+    max_chars: int = Field(200, description="Drop pairs whose chosen text is longer.")
+
+
+class ShortFilter(Stage):
+    """A row-wise test stage: drops long chosen responses, noting the length."""
+
+    name = "short"
+    config_cls = ShortFilterConfig
+    reject_extras = {"length": pa.int64()}
+    calls = 0
+
+    def process_batch(self, batch, ctx):
+        type(self).calls += 1
+        lengths = np.array([len(m[-1]["content"]) for m in batch.column("chosen").to_pylist()])
+        return split(batch, lengths <= self.config.max_chars, "too-long", {"length": lengths})
+
+
+class LosesRows(Stage):
+    name = "lossy"
+    config_cls = ShortFilterConfig
+
+    def process_batch(self, batch, ctx):
+        return BatchResult(pa.Table.from_batches([batch]).slice(1), consumed=batch.num_rows)
+
+
+class Crashes(Stage):
+    name = "crash"
+    config_cls = ShortFilterConfig
+
+    def process_batch(self, batch, ctx):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def pairs_dir(tmp_path):
+    rows = [{"prompt": r["chosen"][:80], "chosen": r["chosen"][-300:], "rejected": r["rejected"][-300:]} for r in hh_rows(200)]
+    return make_stage_dir(tmp_path / "in", rows)
+
+
+def test_rows_in_equal_rows_out_plus_rejects_with_reasons(pairs_dir, tmp_path):
+    manifest, skipped = ShortFilter(ShortFilterConfig(max_chars=250)).run(pairs_dir, tmp_path / "out")
+    assert not skipped
+    kept, rejected = count_rows(tmp_path / "out"), count_rows(tmp_path / "out", "rejects")
+    assert manifest.rows_in == 200 == kept + rejected
+    assert (manifest.rows_out, manifest.rows_rejected) == (kept, rejected)
+    assert rejected > 0 and manifest.reject_reasons == {"too-long": rejected}
+    rej = read_table(tmp_path / "out", subdir="rejects")
+    assert rej.column_names[-3:] == ["length", "reject_stage", "reject_reason"]
+    assert set(rej.column("reject_stage").to_pylist()) == {"short"}
+    assert min(rej.column("length").to_pylist()) > 250
+    # removed rows are kept whole: every input column survives in rejects
+    assert set(pq.read_schema(next((pairs_dir / "data").glob("*.parquet"))).names) <= set(rej.column_names)
+    ids = set(read_table(tmp_path / "out", ["id"]).column("id").to_pylist()) | set(rej.column("id").to_pylist())
+    assert ids == set(read_table(pairs_dir, ["id"]).column("id").to_pylist())
+
+
+def test_unchanged_rerun_is_skipped_and_an_option_change_reruns(pairs_dir, tmp_path):
+    ShortFilter.calls = 0
+    first, _ = ShortFilter(ShortFilterConfig(max_chars=250)).run(pairs_dir, tmp_path / "out")
+    calls = ShortFilter.calls
+    again, skipped = ShortFilter(ShortFilterConfig(max_chars=250)).run(pairs_dir, tmp_path / "out")
+    assert skipped and ShortFilter.calls == calls and again.fingerprint == first.fingerprint
+    changed, skipped = ShortFilter(ShortFilterConfig(max_chars=100)).run(pairs_dir, tmp_path / "out")
+    assert not skipped and changed.fingerprint != first.fingerprint
+    assert changed.rows_rejected > first.rows_rejected
+    _, skipped = ShortFilter(ShortFilterConfig(max_chars=100)).run(pairs_dir, tmp_path / "out", fresh=True)
+    assert not skipped
+
+
+def test_manifest_records_lineage_and_params(pairs_dir, tmp_path):
+    ShortFilter(ShortFilterConfig(max_chars=250)).run(pairs_dir, tmp_path / "a")
+    ShortFilter(ShortFilterConfig(max_chars=150)).run(tmp_path / "a", tmp_path / "b")
+    manifest = Manifest.load(tmp_path / "b")
+    assert [s["stage"] for s in manifest.lineage] == ["fixture", "short", "short"]
+    assert [s["params"].get("max_chars") for s in manifest.lineage[1:]] == [250, 150]
+    assert manifest.lineage[-1]["rows_in"] == manifest.lineage[-2]["rows_out"]
+    assert manifest.wall_seconds >= 0 and manifest.created_at
+
+
+def test_a_stage_that_loses_rows_fails_and_writes_nothing(pairs_dir, tmp_path):
+    with pytest.raises(StageFailed, match="rows in"):
+        LosesRows(ShortFilterConfig()).run(pairs_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_crash_keeps_the_previous_output_and_leaves_no_temp(pairs_dir, tmp_path):
+    ShortFilter(ShortFilterConfig(max_chars=250)).run(pairs_dir, tmp_path / "out")
+    before = count_rows(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="boom"):
+        Crashes(ShortFilterConfig()).run(pairs_dir, tmp_path / "out")
+    assert count_rows(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]

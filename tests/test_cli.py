@@ -1,0 +1,58 @@
+"""The CLI as a user meets it: help everywhere, docs true, one-line errors."""
+
+from __future__ import annotations
+
+import re
+
+from prefcurate.cli.app import app
+from tests.conftest import REPO
+
+
+def _commands() -> list[str]:
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+def test_every_command_has_help_and_is_in_the_readme(cli):
+    readme = (REPO / "README.md").read_text()
+    commands = _commands()
+    assert {"ingest", "export", "stats", "pipeline"} <= set(commands)
+    for name in commands:
+        result = cli(name, "--help")
+        assert result.exit_code == 0, result.stderr
+        assert "Usage:" in result.stdout
+        summary = result.stdout.split("Usage:", 1)[1].split("╭", 1)[0]
+        assert len(summary.strip().splitlines()) >= 2, f"{name} has no help text"
+        assert re.search(rf"prefcurate {name}\b", readme), f"README does not show `prefcurate {name}`"
+
+
+def test_every_generated_option_has_help_text():
+    import typer.main
+
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert (param.help or "").strip(), f"{name} {param.opts[0]} has no help text"
+
+
+def test_version_and_no_args(cli):
+    assert cli("--version").stdout.startswith("prefcurate ")
+    result = cli()
+    assert "pipeline" in result.stdout + result.stderr
+
+
+def test_bad_input_is_one_line_exit_2_and_debug_shows_the_traceback(cli, tmp_path):
+    result = cli("stats", tmp_path / "missing")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0]
+    assert "Traceback" not in result.stderr
+    debug = cli("--debug", "stats", tmp_path / "missing")
+    assert debug.exit_code != 0 and debug.exit_code != 2 or "Traceback" in debug.stderr
+
+
+def test_unknown_option_is_a_usage_error(cli, tmp_path):
+    result = cli("export", tmp_path, "--no-such-option")
+    assert result.exit_code == 2
+    assert "No such option" in result.stderr
