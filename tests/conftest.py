@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +93,9 @@ def cli():
                 code = 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # --debug lets errors through, as Python would print them
+                traceback.print_exc(file=sys.stderr)
+                code = 1
             return CliResult(code, out.getvalue().decode(), err.getvalue().decode())
 
     return run

@@ -49,7 +49,7 @@ def test_bad_input_is_one_line_exit_2_and_debug_shows_the_traceback(cli, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0]
     assert "Traceback" not in result.stderr
     debug = cli("--debug", "stats", tmp_path / "missing")
-    assert debug.exit_code != 0 and debug.exit_code != 2 or "Traceback" in debug.stderr
+    assert debug.exit_code == 1 and "Traceback" in debug.stderr and "InputError" in debug.stderr
 
 
 def test_unknown_option_is_a_usage_error(cli, tmp_path):

@@ -9,7 +9,8 @@ Literal (shown as a choice), Optional of those, lists of those (repeatable optio
 Per-field CLI hints live in ``json_schema_extra={"cli": {...}}``:
 ``argument`` (positional), ``flags`` (extra option names such as ``-m``).
 
-Precedence: a flag beats ``PREFCURATE_<STAGE>_<FIELD>``, which beats the field's default.
+Precedence: a flag beats ``PREFCURATE_<STAGE>_<FIELD>``, which beats the field's default
+(the variables are documented once in the README rather than under every option).
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ def _cli_type(annotation: Any) -> tuple[Any, str]:
     ann = _unwrap_optional(annotation)
     origin = get_origin(ann)
     if origin is Literal:
-        return str, "plain"
+        return ann, "plain"  # typer renders a Literal as a choice and validates it
     if origin in (list, tuple, set, typing.Sequence) or ann in (list,):
         (inner,) = get_args(ann)[:1] or (str,)
         inner = _unwrap_optional(inner)
         if get_origin(inner) is Literal:
-            inner = str
+            return list[str], "list"  # typer has no list of choices; pydantic validates, help lists them
         return list[inner if inner in _SCALARS else str], "list"
     if origin is dict:
         return list[str], "dict"
@@ -65,11 +66,8 @@ def _cli_type(annotation: Any) -> tuple[Any, str]:
 def _help(field: FieldInfo, annotation: Any) -> str:
     text = (field.description or "").strip()
     ann = _unwrap_optional(annotation)
-    if get_origin(ann) is list:
-        (inner,) = get_args(ann)[:1] or (str,)
-        ann = _unwrap_optional(inner)
-    if get_origin(ann) is Literal:
-        text += f" [choices: {', '.join(map(str, get_args(ann)))}]"
+    if get_origin(ann) is list and get_args(ann) and get_origin(_unwrap_optional(get_args(ann)[0])) is Literal:
+        text += f" [choices: {', '.join(map(str, get_args(_unwrap_optional(get_args(ann)[0]))))}]"
     if get_origin(_unwrap_optional(annotation)) is dict:
         text += " (KEY=VALUE, repeatable)"
     return text
@@ -103,8 +101,6 @@ def build_params(config_cls: type[BaseModel], stage: str, skip: set[str] = froze
             default = ... if required else [f"{k}={v}" for k, v in (default or {}).items()]
         elif kind == "list" and default is not ... and default is not None:
             default = list(default)
-        if isinstance(default, BaseModel) or (default is not ... and get_origin(_unwrap_optional(field.annotation)) is Literal and default is not None):
-            default = str(default)
         help_text = _help(field, field.annotation)
         if hints.get("argument"):
             info = typer.Argument(help=help_text, show_default=not required)
@@ -113,7 +109,7 @@ def build_params(config_cls: type[BaseModel], stage: str, skip: set[str] = froze
             decls = [option_name, *hints.get("flags", [])]
             if cli_type is bool:
                 decls = [f"{option_name}/--no-{name.replace('_', '-')}", *hints.get("flags", [])]
-            info = typer.Option(*decls, help=help_text, envvar=env_var(stage, name), show_default=not required)
+            info = typer.Option(*decls, help=help_text, envvar=env_var(stage, name), show_envvar=False, show_default=not required)
         annotation = Annotated[cli_type if (required or default is not None) else typing.Optional[cli_type], info]  # noqa: UP007
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     # typer wants arguments (no default) before options with defaults only for positional

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -99,6 +100,6 @@ def stage_table(rows: Sequence[tuple[str, str, object, bool]], title: str = "sum
             ", ".join(f"{k} {v:,}" for k, v in reasons),
             f"{m.wall_seconds:.1f}",
             "[dim]skipped (unchanged)[/]" if skipped else "",
-            str(directory),
+            Path(directory).name,
         )
     return table

@@ -1,0 +1,118 @@
+"""Recipes: validation errors name the key path; interpolation; precedence; column chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefcurate.errors import ConfigError
+from prefcurate.recipe import check_columns, load_recipe
+from tests.conftest import llmbar_rows, write_jsonl
+
+
+def _write(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipes" / "r.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _base(**over) -> dict:
+    recipe = {
+        "name": "t",
+        "workdir": "../work",
+        "input": {"sources": ["../data/natural.jsonl"]},
+        "stages": [{"dedupe": {"semantic": False}}, {"filter": {"drop_ties": True}}],
+        "output": {"dir": "../out", "format": "trl", "to": "jsonl"},
+    }
+    recipe.update(over)
+    return recipe
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"stages": [{"dedupe": {"bogus": True}}]}, "stages[0].dedupe.bogus: Extra inputs are not permitted"),
+        ({"stages": [{"dedupe": {}}, {"filter": {"flip_max_agree": "lots"}}]}, "stages[1].filter.flip_max_agree: Input should be a valid number"),
+        ({"stages": [{"judge": {"concurrency": 4}}]}, "stages[0].judge.model: Field required"),
+        ({"stages": [{"sharpen": {}}]}, "stages[0].sharpen: unknown stage"),
+        ({"stages": [{"dedupe": {}, "filter": {}}]}, "stages[0]: expected one stage"),
+        ({"output": {"format": "trl"}}, "output.dir: field required"),
+        ({"output": {"dir": "x", "format": "csv"}}, "output.format: Input should be"),
+        ({"input": {"sources": ["a"], "format": "nope"}}, "input.format: Input should be"),
+    ],
+)
+def test_errors_name_the_key_path(tmp_path, change, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_write(tmp_path, _base(**change)))
+    assert str(err.value).startswith(message)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("input:\n  sources: [a\nstages: {")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: invalid YAML"):
+        load_recipe(path)
+
+
+def test_env_interpolation_with_defaults_and_missing_vars(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVAL_SET", "evals/prompts.jsonl")
+    recipe = _base(stages=[{"dedupe": {"against": ["../${EVAL_SET}"], "model": "${EMBED:-static}"}}])
+    loaded = load_recipe(_write(tmp_path, recipe))
+    dedupe = loaded.stages[0].config
+    assert [Path(p) for p in dedupe.against] == [tmp_path / "recipes" / ".." / "evals" / "prompts.jsonl"]
+    assert dedupe.model == "static"
+    recipe["stages"][0]["dedupe"]["model"] = "${EMBED_MODEL_UNSET}"
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.dedupe\.model: environment variable EMBED_MODEL_UNSET is not set"):
+        load_recipe(_write(tmp_path, recipe))
+
+
+def test_relative_paths_are_relative_to_the_recipe_file(tmp_path):
+    loaded = load_recipe(_write(tmp_path, _base()))
+    here = tmp_path / "recipes"
+    assert loaded.workdir == here / ".." / "work"
+    assert loaded.output.dir == here / ".." / "out"
+    assert [Path(s).resolve() for s in loaded.input.config.sources] == [(tmp_path / "data" / "natural.jsonl").resolve()]
+
+
+def test_precedence_flag_over_env_over_recipe_over_default(tmp_path, monkeypatch):
+    path = _write(tmp_path, _base())
+    assert load_recipe(path).output.config.format == "trl"  # recipe over default (trl-chat)
+    monkeypatch.setenv("PREFCURATE_EXPORT_FORMAT", "kto")
+    assert load_recipe(path).output.config.format == "kto"  # env over recipe
+    assert load_recipe(path, sets=["export.format=openrlhf"]).output.config.format == "openrlhf"  # flag over env
+    with pytest.raises(ConfigError, match="--set score"):
+        load_recipe(path, sets=["score.folds=3"])
+    with pytest.raises(ConfigError, match="STAGE.FIELD=VALUE"):
+        load_recipe(path, sets=["format=kto"])
+
+
+def test_column_chain_is_checked_before_work(tmp_path, cli):
+    bad = _base(stages=[{"filter": {"flip": True}}, {"score": {"member": ["embedding-bt"]}}])
+    problems = check_columns(load_recipe(_write(tmp_path, bad)))
+    assert problems and problems[0].startswith("stages[0].filter: needs column(s)") and "margin_mean" in problems[0]
+    result = cli("pipeline", "--check", _write(tmp_path, bad))
+    assert result.exit_code == 2 and "stages[0].filter" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    good = _base(stages=[{"score": {"member": ["embedding-bt"]}}, {"filter": {"flip": True}}])
+    ok = cli("pipeline", "--check", _write(tmp_path, good))
+    assert ok.exit_code == 0, ok.stderr
+    assert not (tmp_path / "work").exists()  # --check touches no data
+
+
+def test_check_runs_without_the_input_existing_but_run_fails_cleanly(tmp_path, cli):
+    path = _write(tmp_path, _base())
+    result = cli("pipeline", path)
+    assert result.exit_code == 2
+    assert "natural.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_recipe_runs_from_any_working_directory(tmp_path, cli, monkeypatch):
+    write_jsonl(tmp_path / "data" / "natural.jsonl", llmbar_rows("natural"))
+    path = _write(tmp_path, _base())
+    monkeypatch.chdir(tmp_path / "recipes")
+    result = cli("pipeline", path.name)
+    assert result.exit_code == 0, result.stderr
+    assert any((tmp_path / "out").rglob("*.jsonl"))
