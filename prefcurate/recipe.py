@@ -43,6 +43,19 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOP_KEYS = {"name", "workdir", "input", "stages", "output"}
 
 
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false. PyYAML follows YAML 1.1, where ``on``, ``off``,
+    ``yes`` and ``no`` are booleans, which would turn ``dedupe: {on: prompt}`` into ``{True: ...}``."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 @dataclass
 class StageSpec:
     name: str
@@ -185,7 +198,7 @@ def _build(stage: str, data: dict[str, Any], where: str, base: Path, sets: dict[
 def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Yaml12BoolLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such recipe file") from None
     except yaml.YAMLError as exc:

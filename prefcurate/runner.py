@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefcurate.engines import Engine, get_engine
 from prefcurate.errors import ConfigError
 from prefcurate.recipe import Recipe, StageSpec, check_columns, load_recipe
 from prefcurate.shards import Manifest
@@ -44,6 +45,10 @@ def check_recipe(recipe: Recipe) -> None:
     problems = check_columns(recipe)
     if problems:
         raise ConfigError(problems[0], "add the stage that produces the column earlier in `stages`")
+    if recipe.output is not None and recipe.output.push is not None:
+        from prefcurate.backends.hub import push_config
+
+        push_config(recipe.output.push)
 
 
 def run_recipe(
@@ -52,17 +57,28 @@ def run_recipe(
     fresh: bool = False,
     progress: Progress | None = None,
     on_stage: Callable[[StageRun], None] | None = None,
+    engine: str | Engine | None = None,
 ) -> RunSummary:
-    """Run every stage of a recipe in order; returns what each stage did."""
+    """Run every stage of a recipe in order; returns what each stage did.
+
+    ``engine``: ``"local"`` (default) or ``"ray"`` (see ``prefcurate.engines``); same output.
+    """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     check_recipe(recipe)
+    if recipe.output is not None and recipe.output.push:
+        from prefcurate.backends.hub import resolve_token
+
+        resolve_token()  # no token: fail now, not after every stage ran
+    engine = get_engine(engine) if engine is None or isinstance(engine, str) else engine
     progress = progress or NullProgress()
     summary = RunSummary(recipe=recipe.name, workdir=recipe.workdir)
     previous: Path | None = None
     for spec, directory in stage_dirs(recipe):
         stage = get_stage(spec.name)(spec.config)
-        manifest, skipped = stage.run(previous, directory, workdir=recipe.workdir, progress=progress, fresh=fresh)
+        manifest, skipped = stage.run(
+            previous, directory, workdir=recipe.workdir, progress=progress, fresh=fresh, engine=engine
+        )
         run = StageRun(spec.name, directory, manifest, skipped)
         summary.stages.append(run)
         if on_stage:
@@ -70,7 +86,9 @@ def run_recipe(
         previous = directory
     if recipe.output is not None:
         stage = get_stage("export")(recipe.output.config)
-        manifest, skipped = stage.run(previous, recipe.output.dir, workdir=recipe.workdir, progress=progress, fresh=fresh)
+        manifest, skipped = stage.run(
+            previous, recipe.output.dir, workdir=recipe.workdir, progress=progress, fresh=fresh, engine=engine
+        )
         run = StageRun("export", recipe.output.dir, manifest, skipped)
         summary.stages.append(run)
         summary.output = recipe.output.dir

@@ -275,6 +275,7 @@ class StageOutput:
         manifest.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         manifest.lineage = [*manifest.lineage, manifest.summary()]
         (self.tmp_dir / MANIFEST).write_text(manifest.to_json())
+        self.before_publish(manifest)
         if self.final_dir.exists():
             trash = self.final_dir.parent / f".{self.final_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.final_dir, trash)
@@ -283,6 +284,10 @@ class StageOutput:
         else:
             os.replace(self.tmp_dir, self.final_dir)
         return self.final_dir
+
+    def before_publish(self, manifest: Manifest) -> None:
+        """Hook: the manifest is final and written, the directory not yet in place (export
+        writes its dataset card here, so a published directory always has one)."""
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)

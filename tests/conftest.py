@@ -95,6 +95,7 @@ def cli():
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             except Exception:  # --debug lets errors through, as Python would print them
                 traceback.print_exc(file=sys.stderr)
+                sys.stderr.flush()
                 code = 1
             return CliResult(code, out.getvalue().decode(), err.getvalue().decode())
 

@@ -116,3 +116,13 @@ def test_a_recipe_runs_from_any_working_directory(tmp_path, cli, monkeypatch):
     result = cli("pipeline", path.name)
     assert result.exit_code == 0, result.stderr
     assert any((tmp_path / "out").rglob("*.jsonl"))
+
+
+def test_yaml_on_off_yes_no_are_strings_not_booleans(tmp_path):
+    recipe = _base(stages=[{"dedupe": {"on": "prompt", "semantic": True, "exact": False}}])
+    text = yaml.safe_dump(recipe).replace("'on'", "on")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert "\n    on: prompt" in text or "on: prompt" in text
+    dedupe = load_recipe(path).stages[0].config
+    assert (dedupe.on, dedupe.semantic, dedupe.exact) == ("prompt", True, False)

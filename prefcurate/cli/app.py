@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from prefcurate import __version__
 from prefcurate.cli.options import make_command
@@ -33,7 +33,7 @@ app = typer.Typer(
 )
 
 # Modules with a ``register(app)`` for commands that are not stages (push, ...).
-EXTRA_COMMANDS: list[str] = []
+EXTRA_COMMANDS: list[str] = ["prefcurate.cli.push"]
 
 
 def _version(value: bool) -> None:
@@ -51,16 +51,20 @@ def _root(
         os.environ["PREFCURATE_DEBUG"] = "1"
 
 
-def _run_stage(name: str, values: dict[str, Any], input: Path | None = None, output: Path = Path("."), fresh: bool = False, quiet: bool = False) -> None:
+def _run_stage(name: str, values: dict[str, Any], input: Path | None = None, output: Path = Path("."), fresh: bool = False, quiet: bool = False, engine: str = "local") -> None:
     from prefcurate.cli.output import err_console, progress_display, stage_table
     from prefcurate.recipe import validate_config
 
     cls = get_stage(name)
+    from prefcurate.engines import get_engine
+
     config = validate_config(cls.config_cls, values, name)
+    runner = get_engine(engine)
     with progress_display(quiet) as progress:
-        manifest, skipped = cls(config).run(input, output, progress=progress, fresh=fresh)
+        manifest, skipped = cls(config).run(input, output, progress=progress, fresh=fresh, engine=runner)
     if not quiet:
         err_console.print(stage_table([(name, str(output), manifest, skipped)], title=name))
+        err_console.print(f"output: {output}")
 
 
 _OUTPUT = inspect.Parameter(
@@ -69,7 +73,7 @@ _OUTPUT = inspect.Parameter(
 )
 _INPUT = inspect.Parameter(
     "input", inspect.Parameter.KEYWORD_ONLY,
-    annotation=Annotated[Path, typer.Argument(help="Stage directory to read (the output of an earlier stage).")],
+    annotation=Annotated[Path, typer.Argument(metavar="IN", help="Stage directory to read (the output of an earlier stage).")],
 )
 _FRESH = inspect.Parameter(
     "fresh", inspect.Parameter.KEYWORD_ONLY, default=False,
@@ -79,13 +83,18 @@ _QUIET = inspect.Parameter(
     "quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
     annotation=Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")],
 )
+_ENGINE_HELP = "Where row-wise work runs: local (this process) or ray (Ray Data; RAY_ADDRESS picks a cluster)."
+_ENGINE = inspect.Parameter(
+    "engine", inspect.Parameter.KEYWORD_ONLY, default="local",
+    annotation=Annotated[str, typer.Option("--engine", envvar="PREFCURATE_ENGINE", help=_ENGINE_HELP)],
+)
 
 
 def _register_stages() -> None:
     for name in STAGES:
         cls = get_stage(name)
         takes_input = getattr(cls, "takes_input", True)
-        extra = [_INPUT, _OUTPUT, _FRESH, _QUIET] if takes_input else [_OUTPUT, _FRESH, _QUIET]
+        extra = [_INPUT, _OUTPUT, _FRESH, _QUIET, _ENGINE] if takes_input else [_OUTPUT, _FRESH, _QUIET, _ENGINE]
 
         def runner(values: dict[str, Any], _name: str = name, **kw: Any) -> None:
             _run_stage(_name, values, **kw)
@@ -102,6 +111,7 @@ def pipeline(
     fresh: Annotated[bool, typer.Option("--fresh", help="Rerun every stage, even unchanged ones.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override an option: STAGE.FIELD=VALUE (repeatable).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    engine: Annotated[str, typer.Option("--engine", envvar="PREFCURATE_ENGINE", help=_ENGINE_HELP)] = "local",
 ) -> None:
     """Run a whole recipe, resumably: stages whose input and options are unchanged are skipped."""
     from prefcurate.cli.output import err_console, progress_display, stage_table
@@ -115,9 +125,10 @@ def pipeline(
         err_console.print(f"[green]ok[/] {recipe}: {names}")
         return
     with progress_display(quiet) as progress:
-        summary = run_recipe(loaded, fresh=fresh, progress=progress)
+        summary = run_recipe(loaded, fresh=fresh, progress=progress, engine=engine)
     rows = [(s.name, str(s.directory), s.manifest, s.skipped) for s in summary.stages]
     err_console.print(stage_table(rows, title=f"recipe {summary.recipe}"))
+    err_console.print(f"workdir: {summary.workdir}")
     if summary.output:
         err_console.print(f"output: [bold]{summary.output}[/]")
     if summary.pushed:
@@ -155,24 +166,30 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("PREFCURATE_DEBUG") == "1"
     try:
-        app(args=args, standalone_mode=False, prog_name="prefcurate")
+        code = app(args=args, standalone_mode=False, prog_name="prefcurate")
     except PrefcurateError as exc:
         if debug:
             raise
         _fail(str(exc), exc.exit_code)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
-    except click.ClickException as exc:
-        exc.show()
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except typer.Abort:
+        _fail("aborted", 130)
+    except TyperException as exc:  # usage errors: typer prints them as click did
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; rerun the same command to resume", 130)
-    except (BrokenPipeError, OSError) as exc:
-        if debug or not isinstance(exc, BrokenPipeError | FileNotFoundError | PermissionError | IsADirectoryError):
+    except (BrokenPipeError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        if debug:
             raise
         _fail(f"{exc.filename or ''}: {exc.strerror}".lstrip(": "), 2)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _fail(message: str, code: int) -> None:

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 # In pipeline order. ``ingest`` starts a recipe (its ``input``), ``export`` ends it (``output``).
 STAGES: dict[str, str] = {
     "ingest": "prefcurate.stages.ingest:IngestStage",
+    "dedupe": "prefcurate.stages.dedupe:DedupeStage",
+    "judge": "prefcurate.stages.judge:JudgeStage",
+    "score": "prefcurate.stages.score:ScoreStage",
+    "filter": "prefcurate.stages.filter:FilterStage",
     "export": "prefcurate.stages.export:ExportStage",
 }
 

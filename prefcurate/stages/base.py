@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,9 @@ from prefcurate.shards import (
     read_schema,
     require_stage_dir,
 )
+
+if TYPE_CHECKING:
+    from prefcurate.engines import Engine
 
 
 class StageConfig(BaseModel):
@@ -107,6 +110,9 @@ class StageContext:
     cache_dir: Path = field(default_factory=default_cache_dir)
     extra: dict[str, Any] = field(default_factory=dict)
     """Stage-specific figures for the manifest (token usage, cluster sizes, ...)."""
+    engine: Engine | None = None
+    """The engine running this stage (None: local). Heavy per-batch work inside a global step
+    (reward models) can go through ``prefcurate.engines.map_batches(ctx, ...)`` to use it."""
 
 
 class StageInput:
@@ -210,6 +216,11 @@ class Stage:
     def manifest_params(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
 
+    def open_output(self, output_dir: str | Path, rows_per_shard: int | None = None) -> StageOutput:
+        """Where the run writes. A stage with its own on-disk layout (export: Hub-style files)
+        returns a ``StageOutput`` subclass; the base's counting and manifest stay the same."""
+        return StageOutput(output_dir, **({"rows_per_shard": rows_per_shard} if rows_per_shard else {}))
+
     # -- shared logic --------------------------------------------------------------------
     def run(
         self,
@@ -220,6 +231,7 @@ class Stage:
         progress: Progress | None = None,
         fresh: bool = False,
         rows_per_shard: int | None = None,
+        engine: Engine | None = None,
     ) -> tuple[Manifest, bool]:
         """Run the stage from ``input_dir`` into ``output_dir``; returns (manifest, skipped)."""
         source = StageInput(input_dir) if input_dir is not None else None
@@ -228,14 +240,17 @@ class Stage:
         previous = Manifest.try_load(output_dir)
         if not fresh and previous is not None and previous.fingerprint == out_fp:
             return previous, True
-        output = StageOutput(output_dir, **({"rows_per_shard": rows_per_shard} if rows_per_shard else {}))
+        output = self.open_output(output_dir, rows_per_shard)
         ctx = StageContext(
             workdir=Path(workdir) if workdir is not None else Path(output_dir).resolve().parent,
             output=output.path,
             progress=progress or NullProgress(),
+            engine=engine,
         )
         try:
-            counts = self._drain(self.process(source, ctx), output)
+            # An engine (prefcurate.engines) may run process_batch elsewhere; the base still drains.
+            results = engine.process(self, source, ctx) if engine is not None else self.process(source, ctx)
+            counts = self._drain(results, output)
         except BaseException:
             output.abort()
             raise

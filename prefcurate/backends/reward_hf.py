@@ -1,0 +1,165 @@
+"""``hf:NAME_OR_PATH``: a Hugging Face sequence-classification reward model as a member.
+
+Each response is scored in its conversation: the prompt messages plus the response,
+rendered with the tokenizer's chat template (the format the reward model was trained on);
+a tokenizer without one falls back to a plain ``User: ... / Assistant: ...`` transcript,
+and the stage says so. The reward is the single output logit, or the positive class's
+logit for a two-label head.
+
+- bf16 on CUDA, fp32 on CPU.
+- Length bucketing: within a window of rows, texts are sorted by token count before
+  batching, so a batch pads to near its own length rather than the window's longest.
+- Truncation is counted, never silent: a text longer than ``max_length`` tokens loses its
+  *start* (``truncation_side="left"``): the end is the response being judged, and cutting
+  the end could leave the two responses of a pair with identical visible text. The count
+  goes to the manifest and a progress note.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from prefcurate.backends.reward import MemberOptions, MemberScores
+from prefcurate.errors import ConfigError, InputError, MissingDependency, StageFailed
+from prefcurate.schema import render_transcript
+from prefcurate.stages.base import ProgressTask, StageContext, StageInput
+
+WINDOW_ROWS = 1024  # rows per bucketing window (2 texts each)
+
+
+class HFRewardScorer:
+    """A loaded reward model and tokenizer; ``rewards(texts)`` -> float64 array."""
+
+    def __init__(self, path: str, device: str = "auto", max_length: int = 1024, batch_size: int = 16) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        except ImportError:
+            raise MissingDependency("transformers", purpose="hf: reward models") from None
+        from prefcurate.backends.embed import _quiet_hf, resolve_device
+
+        self.path = path
+        self.device = resolve_device(device)
+        self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.max_length, self.batch_size = max_length, batch_size
+        try:
+            with _quiet_hf():
+                self.tokenizer = AutoTokenizer.from_pretrained(path)
+                self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype)
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(
+                f"could not load reward model {path!r}: {first}", "give a local path or a cached Hub id"
+            ) from None
+        self.num_labels = int(self.model.config.num_labels)
+        if self.num_labels not in (1, 2):
+            raise ConfigError(
+                f"reward model {path!r} has {self.num_labels} labels", "a reward model has 1 output (or 2 classes)"
+            )
+        self._set_padding()
+        self.model.to(self.device).eval()
+        self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.truncated = 0
+        self.template_failures = 0
+
+    def _set_padding(self) -> None:
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            fallback = tok.eos_token or tok.unk_token
+            if fallback is None:
+                raise ConfigError("the reward model's tokenizer has no pad, eos or unk token to pad batches with")
+            tok.pad_token = fallback
+        tok.padding_side = "right"
+        tok.truncation_side = "left"
+        self.model.config.pad_token_id = tok.pad_token_id
+
+    def render(self, prompt: list[dict[str, str]], response: list[dict[str, str]]) -> str:
+        messages = [*(prompt or []), *(response or [])]
+        if self.has_template:
+            import jinja2
+
+            try:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            except jinja2.TemplateError:
+                # A template that rejects this conversation (e.g. roles must alternate).
+                self.template_failures += 1
+        return render_transcript(messages)
+
+    def rewards(self, texts: list[str], progress: ProgressTask | None = None) -> np.ndarray:
+        import torch
+
+        special = not self.has_template  # a chat template writes its own special tokens
+        ids = self.tokenizer(texts, add_special_tokens=special, truncation=False)["input_ids"]
+        long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
+        if long:
+            self.truncated += len(long)
+            cut = self.tokenizer(
+                [texts[i] for i in long], add_special_tokens=special, truncation=True, max_length=self.max_length
+            )["input_ids"]
+            for i, x in zip(long, cut, strict=True):
+                ids[i] = x
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        out = np.empty(len(texts), dtype=np.float64)
+        for start in range(0, len(order), self.batch_size):
+            pick = order[start : start + self.batch_size]
+            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in pick]}, return_tensors="pt")
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            try:
+                with torch.inference_mode():
+                    logits = self.model(**enc).logits.float()
+            except (RuntimeError, IndexError) as exc:
+                raise StageFailed(
+                    f"reward model {self.path!r} failed on a batch: {exc}",
+                    "check that the tokenizer belongs to the model; lower --batch-size if out of memory",
+                ) from exc
+            out[pick] = logits[:, -1].cpu().numpy()
+            if progress is not None:
+                progress.advance(len(pick))
+        return out
+
+
+class HFRewardMember:
+    def __init__(self, spec: str, name: str, options: MemberOptions) -> None:
+        self.spec, self.name, self.options = spec, name, options
+        self.path = spec[3:]
+
+    def columns(self) -> list[str]:
+        return ["prompt", "chosen", "rejected"]
+
+    def score(self, source: StageInput, ctx: StageContext) -> MemberScores:
+        opts = self.options
+        scorer = HFRewardScorer(self.path, opts.device, opts.max_length, opts.batch_size)
+        if not scorer.has_template:
+            ctx.progress.note(
+                f"{self.spec}: the tokenizer has no chat template; scoring plain 'User:/Assistant:' transcripts"
+            )
+        n = source.num_rows
+        rc, rr = np.full(n, np.nan), np.full(n, np.nan)
+        task = ctx.progress.task(f"{self.name}: scoring", total=2 * n, unit="texts")
+        start = 0
+        for batch in source.batches(columns=self.columns(), batch_rows=WINDOW_ROWS):
+            prompts, chosen, rejected = (batch.column(c).to_pylist() for c in self.columns())
+            texts = [scorer.render(p, c) for p, c in zip(prompts, chosen, strict=True)]
+            texts += [scorer.render(p, r) for p, r in zip(prompts, rejected, strict=True)]
+            scores = scorer.rewards(texts, task)
+            k = batch.num_rows
+            rc[start : start + k], rr[start : start + k] = scores[:k], scores[k:]
+            start += k
+        info: dict[str, Any] = {
+            "device": scorer.device,
+            "dtype": str(scorer.dtype).removeprefix("torch."),
+            "max_length": opts.max_length,
+            "chat_template": scorer.has_template,
+            "texts": 2 * n,
+            "truncated": scorer.truncated,
+        }
+        if scorer.template_failures:
+            info["template_failures"] = scorer.template_failures
+        if scorer.truncated:
+            ctx.progress.note(
+                f"{self.spec}: {scorer.truncated:,} of {2 * n:,} texts were longer than --max-length "
+                f"{opts.max_length} tokens and lost their start"
+            )
+        return MemberScores(rc - rr, rc, rr, info)

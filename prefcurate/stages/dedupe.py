@@ -1,0 +1,274 @@
+"""dedupe: exact, swapped, conflicting and semantic near-duplicates, and decontamination.
+
+A global stage in three passes over the input, each reading only what it needs:
+
+1. keys (id, prompt, chosen, rejected, tie[, margin_mean]): normalized hashes decide exact,
+   swapped and conflicting duplicates and exact contamination; nothing else is kept in
+   memory but a 16-byte key and a few numbers per row.
+2. embeddings, only for the rows that survived pass 1: each part (prompt, chosen, rejected)
+   is embedded on its own and the parts' unit vectors are concatenated and scaled, so the
+   inner product of two rows is the *mean* of their per-part cosines. Embedding the parts
+   apart (instead of one concatenated text) keeps a long prompt from drowning the responses
+   (MiniLM truncates at 256 tokens), and a prompt shared by many pairs is embedded once.
+   FAISS finds neighbours >= threshold; connected components of that graph are clusters.
+3. the whole rows, streamed and split into data/ and rejects/ by the decisions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from prefcurate.errors import ConfigError
+from prefcurate.shards import files_fingerprint
+from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, split
+from prefcurate.stages.dedupe_groups import (
+    CONTAM,
+    KEEP,
+    NEAR,
+    REASONS,
+    Decisions,
+    cluster_decisions,
+    exact_decisions,
+    priorities,
+    size_histogram,
+)
+from prefcurate.stages.dedupe_semantic import semantic_pass
+from prefcurate.stages.dedupe_keys import (
+    digest,
+    load_eval_set,
+    normalizer,
+    pair_keys,
+    part_texts,
+    row_lengths,
+)
+
+Normalization = Literal["case", "whitespace", "nfkc", "punctuation", "none"]
+# Cosine thresholds per model, from benchmarks/bench_dedupe.py (planted paraphrases found,
+# distinct pairs sharing a prompt kept apart). A static model's cosines run higher than a
+# transformer's for unrelated text, so one number does not fit both.
+DEFAULT_THRESHOLDS = {"static": 0.93, "minilm": 0.90}
+FALLBACK_THRESHOLD = 0.90
+
+
+class DedupeConfig(StageConfig):
+    """Remove exact, swapped and near-duplicate pairs, and pairs whose prompt is in an evaluation set."""
+
+    exact: bool = Field(True, description="Remove exact duplicates (same normalized prompt, chosen and rejected).")
+    swapped: bool = Field(True, description="Remove swapped duplicates: same prompt, responses exchanged (a label conflict).")
+    normalize: list[Normalization] = Field(
+        default_factory=lambda: ["case", "whitespace", "nfkc"],
+        description="Normalizations before exact hashing (repeatable; 'none' for raw text).",
+    )
+    drop_conflicts: bool = Field(
+        False, description="Also remove the kept row of a swapped or conflicting group: neither label is trusted."
+    )
+    semantic: bool = Field(True, description="Remove near-duplicates by embedding similarity.")
+    on: Literal["pair", "prompt", "response"] = Field(
+        "pair", description="What near-duplicates compare: the whole pair, the prompt only, or the two responses."
+    )
+    per_prompt: int = Field(1, ge=1, description="With --on prompt: pairs kept per cluster of near-identical prompts.")
+    threshold: float | None = Field(
+        None, gt=0, le=1, description="Cosine similarity at or above which rows are near-duplicates (default: per model)."
+    )
+    keep: Literal["first", "longest", "highest-margin", "random"] = Field(
+        "first", description="Which row of a duplicate group or cluster to keep."
+    )
+    seed: int = Field(0, description="Seed for --keep random.")
+    model: str = Field("auto", description="Embedding model: auto, static, minilm, or a sentence-transformers name/path.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to embed and search.")
+    index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="FAISS index: exact flat search, or approximate IVF/HNSW (auto picks by size)."
+    )
+    neighbors: int = Field(16, ge=1, le=1024, description="Nearest neighbours searched per row.")
+    against: list[Path] = Field(
+        default_factory=list,
+        description="Evaluation set(s) to decontaminate against: a stage dir, .txt (a prompt a line), JSON/JSONL, Parquet.",
+    )
+    contamination_threshold: float | None = Field(
+        None, gt=0, le=1, description="Prompt cosine for contamination (default: --threshold)."
+    )
+    batch_size: int = Field(16_384, ge=1, description="Rows per batch read from the input.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DedupeConfig:
+        if "none" in self.normalize and len(self.normalize) > 1:
+            raise ConfigError("--normalize none cannot be combined with other normalizations")
+        return self
+
+    def requires(self) -> set[str]:
+        needed = {"id", "prompt", "chosen", "rejected", "tie"}
+        return needed | ({"margin_mean"} if self.keep == "highest-margin" else set())
+
+    def fingerprint_params(self) -> dict:
+        params = self.model_dump(mode="json")
+        params.pop("batch_size")
+        params["against_files"] = files_fingerprint(self.against) if self.against else None
+        return params
+
+
+class DedupeStage(Stage):
+    """Remove exact, swapped, conflicting and near-duplicate pairs, and evaluation-set contamination."""
+
+    name = "dedupe"
+    config_cls = DedupeConfig
+    reject_extras = {"duplicate_of": pa.string(), "similarity": pa.float64()}
+
+    def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
+        assert source is not None
+        cfg: DedupeConfig = self.config  # type: ignore[assignment]
+        started = time.perf_counter()
+        norm = normalizer(cfg.normalize)
+        evals = load_eval_set(cfg.against)
+        eval_hashes: dict[bytes, int] = {}
+        for i, text in enumerate(evals.texts):
+            eval_hashes.setdefault(digest(norm(text)), i)
+        state = _first_pass(source, cfg, ctx, norm, eval_hashes)
+        decisions, labels = exact_decisions(
+            state.groups,
+            state.orientation,
+            state.tie,
+            state.prio,
+            exact=cfg.exact,
+            swapped=cfg.swapped,
+            drop_conflicts=cfg.drop_conflicts,
+        )
+        ctx.extra["exact_group_sizes"] = size_histogram(labels)
+        mark_contaminated(decisions, labels, state.contaminated, state.contaminated_ref)
+        if cfg.semantic or evals.texts:
+            semantic_pass(source, cfg, ctx, decisions, labels, state.prio, evals)
+        _follow_chains(decisions)
+        ctx.extra["counts"] = decisions.counts()
+        ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
+        yield from _write_pass(source, cfg, ctx, decisions, state.ids, evals.refs)
+        ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
+
+
+class _Keys:
+    def __init__(self) -> None:
+        self.ids: list[pa.Array] = []
+        self.groups: list[np.ndarray] = []
+        self.orientation: list[np.ndarray] = []
+        self.tie: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+        self.margins: list[np.ndarray] = []
+        self.contaminated: list[np.ndarray] = []
+        self.contaminated_ref: list[np.ndarray] = []
+
+
+class _State:
+    def __init__(self, keys: _Keys, cfg: DedupeConfig) -> None:
+        self.ids = pa.chunked_array(keys.ids, pa.string()).combine_chunks() if keys.ids else pa.array([], pa.string())
+        self.groups = np.concatenate(keys.groups) if keys.groups else np.zeros(0, "S16")
+        self.orientation = _cat(keys.orientation, bool)
+        self.tie = _cat(keys.tie, bool)
+        self.contaminated = _cat(keys.contaminated, bool)
+        self.contaminated_ref = _cat(keys.contaminated_ref, np.int64)
+        n = len(self.groups)
+        self.prio = priorities(
+            cfg.keep,
+            n,
+            lengths=_cat(keys.lengths, np.int64) if cfg.keep == "longest" else None,
+            margins=_cat(keys.margins, np.float64) if cfg.keep == "highest-margin" else None,
+            ids=self.ids.to_pylist() if cfg.keep == "random" else None,
+            seed=cfg.seed,
+        )
+
+
+def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def _first_pass(
+    source: StageInput, cfg: DedupeConfig, ctx: StageContext, norm, eval_index: dict[bytes, int]
+) -> _State:
+    columns = ["id", "prompt", "chosen", "rejected", "tie"]
+    if cfg.keep == "highest-margin":
+        if "margin_mean" not in source.columns:
+            raise ConfigError(
+                "--keep highest-margin needs a margin_mean column", "run `prefcurate score` first, or pick another --keep"
+            )
+        columns.append("margin_mean")
+    keys = _Keys()
+    task = ctx.progress.task("dedupe: hashing", total=source.num_rows)
+    for batch in source.batches(columns, cfg.batch_size):
+        pk = pair_keys(batch, norm, unordered=cfg.swapped, with_prompts=bool(eval_index))
+        keys.ids.append(batch.column("id").cast(pa.string()))
+        keys.groups.append(pk.group)
+        keys.orientation.append(pk.orientation)
+        keys.tie.append(batch.column("tie").fill_null(False).to_numpy(zero_copy_only=False))
+        if cfg.keep == "longest":
+            keys.lengths.append(row_lengths(batch))
+        if cfg.keep == "highest-margin":
+            keys.margins.append(batch.column("margin_mean").cast(pa.float64()).fill_null(np.nan).to_numpy())
+        hits = [next((eval_index[h] for h in hs if h in eval_index), -1) for hs in pk.prompt_hashes]
+        keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
+        keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
+        task.advance(batch.num_rows)
+    return _State(keys, cfg)
+
+
+def mark_contaminated(
+    decisions: Decisions, labels: np.ndarray, rows: np.ndarray, ref: np.ndarray, similarity: np.ndarray | float = 1.0
+) -> None:
+    """Contamination outranks duplication: a contaminated row's whole exact group goes, as contaminated.
+
+    ``rows``: boolean mask over all rows; ``ref``/``similarity``: per row (used where ``rows``)."""
+    if not rows.any():
+        return
+    hit_groups = np.zeros(labels.max() + 1, bool)
+    hit_groups[labels[rows]] = True
+    group_ref = np.full(labels.max() + 1, -1, np.int64)
+    group_ref[labels[rows]] = ref[rows]
+    members = hit_groups[labels]
+    decisions.reason[members] = CONTAM
+    decisions.dup_of[members] = -1
+    decisions.eval_match[members] = group_ref[labels[members]]
+    group_sim = np.ones(labels.max() + 1, np.float32)
+    group_sim[labels[rows]] = np.broadcast_to(np.asarray(similarity, np.float32), rows.shape)[rows]
+    decisions.similarity[members] = group_sim[labels[members]]
+
+
+def _follow_chains(decisions: Decisions) -> None:
+    """An exact duplicate whose kept row was later removed as a near-duplicate points at the
+    row that cluster kept instead (one hop: a cluster's kept row is never removed)."""
+    target = decisions.dup_of
+    has = target >= 0
+    hop = np.zeros(len(target), bool)
+    hop[has] = decisions.reason[target[has]] == NEAR
+    decisions.dup_of = np.where(hop, decisions.dup_of[np.where(hop, target, 0)], target)
+
+
+def _write_pass(
+    source: StageInput, cfg: DedupeConfig, ctx: StageContext, d: Decisions, ids: pa.Array, eval_refs: list[str]
+) -> Iterator[BatchResult]:
+    task = ctx.progress.task("dedupe: writing", total=source.num_rows)
+    names = np.array([None, *REASONS.values()], dtype=object)
+    refs = np.array(eval_refs, dtype=object)
+    start = 0
+    for batch in source.batches(batch_rows=cfg.batch_size):
+        stop = start + batch.num_rows
+        reason = d.reason[start:stop]
+        dup = d.dup_of[start:stop]
+        dup_ids = ids.take(pa.array(np.where(dup >= 0, dup, 0))).to_numpy(zero_copy_only=False).astype(object)
+        dup_ids[dup < 0] = None
+        contam = (reason == CONTAM) & (d.eval_match[start:stop] >= 0)
+        if contam.any():
+            dup_ids[contam] = refs[d.eval_match[start:stop][contam]]
+        sim = d.similarity[start:stop].astype(np.float64)
+        extra = {
+            "duplicate_of": pa.array(dup_ids.tolist(), pa.string()),
+            "similarity": pa.array(sim, pa.float64(), mask=np.isnan(sim)),
+        }
+        yield split(batch, reason == KEEP, names[reason], extra=extra)
+        task.advance(batch.num_rows)
+        start = stop
+
+
+__all__ = ["DEFAULT_THRESHOLDS", "FALLBACK_THRESHOLD", "NEAR", "DedupeConfig", "DedupeStage"]

@@ -1,0 +1,202 @@
+"""What dedupe compares: normalized content hashes, texts to embed, and evaluation prompts.
+
+A pair's exact identity is a hash of its normalized prompt, chosen and rejected. The
+*unordered* key hashes the prompt with the two responses sorted, so a pair and its swap
+share a key; ``orientation`` says which of the two orders a row has. Grouping by the
+unordered key finds exact duplicates (same orientation), swapped duplicates (other
+orientation) and conflicting duplicates (different tie flag) in one sort.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from prefcurate.errors import InputError
+from prefcurate.schema import render_text, render_transcript
+from prefcurate.shards import is_stage_dir, iter_batches
+
+NORMALIZE_CHOICES = ("case", "whitespace", "nfkc", "punctuation", "none")
+_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
+_KEY = np.dtype("S16")
+# JSON fields that hold an evaluation prompt, in order of preference.
+PROMPT_FIELDS = ("prompt", "input", "instruction", "question", "query", "problem", "text")
+
+
+def normalizer(options: Iterable[str]):
+    """A text -> text function applying the chosen normalizations (NFKC first, so a
+    full-width letter is case-folded and compared like its ASCII form)."""
+    opts = set(options) - {"none"}
+    nfkc, case, ws, punct = "nfkc" in opts, "case" in opts, "whitespace" in opts, "punctuation" in opts
+
+    def norm(text: str) -> str:
+        if nfkc:
+            text = unicodedata.normalize("NFKC", text)
+        if case:
+            text = text.casefold()
+        if punct:
+            text = _PUNCT.sub("", text)
+        if ws:
+            text = " ".join(text.split())
+        return text
+
+    return norm
+
+
+def digest(*parts: str) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\x1e")  # separator: ("ab", "c") and ("a", "bc") hash apart
+    return h.digest()
+
+
+@dataclass
+class PairKeys:
+    """Per-row keys of one batch."""
+
+    group: np.ndarray  # S16: unordered (or ordered, when swaps are not checked) pair key
+    orientation: np.ndarray  # bool: chosen sorts after rejected
+    prompt_hashes: list[list[bytes]] = field(default_factory=list)  # full prompt + each user turn
+
+
+def pair_keys(batch: pa.RecordBatch, norm, unordered: bool, with_prompts: bool) -> PairKeys:
+    prompts = batch.column("prompt").to_pylist()
+    chosen = batch.column("chosen").to_pylist()
+    rejected = batch.column("rejected").to_pylist()
+    groups = np.empty(len(prompts), _KEY)
+    orient = np.zeros(len(prompts), bool)
+    prompt_hashes: list[list[bytes]] = []
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True)):
+        np_, nc, nr = norm(render_transcript(p)), norm(render_text(c)), norm(render_text(r))
+        flipped = unordered and nc > nr
+        orient[i] = flipped
+        groups[i] = digest(np_, nr, nc) if flipped else digest(np_, nc, nr)
+        if with_prompts:
+            prompt_hashes.append(prompt_digests(p, norm))
+    return PairKeys(groups, orient, prompt_hashes)
+
+
+def prompt_digests(messages: Sequence[dict[str, str]] | None, norm) -> list[bytes]:
+    """Hashes under which a prompt counts as an evaluation prompt: the whole prompt's text
+    and each user turn on its own (an eval question often appears as one turn of a chat)."""
+    if not messages:
+        return []
+    out = {digest(norm(render_text(messages)))}
+    out.update(digest(norm(m["content"])) for m in messages if m.get("role") == "user")
+    return list(out)
+
+
+def row_lengths(batch: pa.RecordBatch) -> np.ndarray:
+    """Characters of prompt + chosen + rejected, for ``--keep longest``."""
+    total = np.zeros(batch.num_rows, np.float64)
+    for name in ("prompt", "chosen", "rejected"):
+        col = batch.column(name)
+        parents = pc.list_parent_indices(col).to_numpy()
+        lengths = pc.utf8_length(pc.list_flatten(col).field("content")).fill_null(0).to_numpy()
+        total += np.bincount(parents, weights=lengths, minlength=batch.num_rows)
+    return total.astype(np.int64)
+
+
+def part_texts(batch: pa.RecordBatch, columns: Sequence[str]) -> list[list[str]]:
+    """Texts to embed, one list per message column (content only: roles carry no signal here)."""
+    return [[render_text(m) for m in batch.column(name).to_pylist()] for name in columns]
+
+
+@dataclass
+class EvalSet:
+    """Evaluation prompts to decontaminate against: a reference (id or file:line) and text each."""
+
+    refs: list[str]
+    texts: list[str]
+
+
+def load_eval_set(paths: Sequence[Path]) -> EvalSet:
+    refs: list[str] = []
+    texts: list[str] = []
+    for path in paths:
+        for ref, text in _read_eval(Path(path)):
+            if text and text.strip():
+                refs.append(ref)
+                texts.append(text)
+    if paths and not texts:
+        raise InputError(
+            f"--against {', '.join(map(str, paths))}: no prompts found",
+            f"give a stage directory, a .txt file (one prompt a line) or JSON/JSONL with one of: {', '.join(PROMPT_FIELDS)}",
+        )
+    return EvalSet(refs, texts)
+
+
+def _read_eval(path: Path) -> Iterable[tuple[str, str]]:
+    if not path.exists():
+        raise InputError(f"--against {path}: no such file or directory")
+    if path.is_dir():
+        if not is_stage_dir(path):
+            raise InputError(f"--against {path}: a directory but not a stage directory", "run `prefcurate ingest` on it first")
+        for batch in iter_batches(path, ["id", "prompt"]):
+            for rid, prompt in zip(batch.column("id").to_pylist(), batch.column("prompt").to_pylist(), strict=True):
+                yield str(rid), render_text(prompt)
+        return
+    name = path.name.lower()
+    if name.endswith((".txt", ".txt.gz")):
+        for i, line in enumerate(_open_text(path), 1):
+            yield f"{path.name}:{i}", line.rstrip("\n")
+    elif name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        for i, line in enumerate(_open_text(path), 1):
+            if line.strip():
+                yield f"{path.name}:{i}", _record_prompt(_json(line, path, i), path, i)
+    elif name.endswith((".json", ".json.gz")):
+        data = _json(_open_text(path).read(), path, None)
+        records = data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
+        for i, rec in enumerate(records, 1):
+            yield f"{path.name}:{i}", _record_prompt(rec, path, i)
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        column = next((c for c in PROMPT_FIELDS if c in table.column_names), None)
+        if column is None:
+            raise InputError(f"--against {path}: no column among {', '.join(PROMPT_FIELDS)}")
+        for i, value in enumerate(table.column(column).to_pylist(), 1):
+            yield f"{path.name}:{i}", _as_text(value)
+    else:
+        raise InputError(f"--against {path}: unknown file type", "use .txt, .json, .jsonl or .parquet, or a stage directory")
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def _json(text: str, path: Path, line: int | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f", line {line}" if line else ""
+        raise InputError(f"--against {path}{where}: invalid JSON ({exc.msg})") from None
+
+
+def _record_prompt(record: Any, path: Path, line: int) -> str:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        for key in PROMPT_FIELDS:
+            if key in record and record[key] is not None:
+                return _as_text(record[key])
+    raise InputError(f"--against {path}, record {line}: no prompt field", f"one of: {', '.join(PROMPT_FIELDS)}")
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, list):  # a message list
+        return render_text([m for m in value if isinstance(m, dict) and "content" in m])
+    return "" if value is None else str(value)

@@ -1,0 +1,134 @@
+"""The embedding half of dedupe: near-duplicate clusters and near-contamination.
+
+Only rows still kept after the exact pass are embedded. A row's vector is the concatenation
+of its parts' unit vectors divided by sqrt(#parts), so a dot product between two rows is the
+mean of the per-part cosines: ``--on pair`` with threshold 0.93 needs the prompts and both
+responses to be close on average, and two different answer pairs to one prompt stay apart.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from prefcurate.stages.base import StageContext, StageInput
+from prefcurate.stages.dedupe_groups import KEEP, NEAR, Decisions, cluster_decisions, size_histogram
+from prefcurate.stages.dedupe_keys import EvalSet, part_texts
+
+PARTS = {"pair": ("prompt", "chosen", "rejected"), "prompt": ("prompt",), "response": ("chosen", "rejected")}
+
+
+def default_threshold(embedder_name: str) -> float:
+    from prefcurate.backends.embed import MINILM_NAME
+    from prefcurate.stages.dedupe import DEFAULT_THRESHOLDS, FALLBACK_THRESHOLD
+
+    if embedder_name.startswith("static-"):
+        return DEFAULT_THRESHOLDS["static"]
+    if embedder_name == MINILM_NAME:
+        return DEFAULT_THRESHOLDS["minilm"]
+    return FALLBACK_THRESHOLD
+
+
+def semantic_pass(
+    source: StageInput,
+    cfg,
+    ctx: StageContext,
+    decisions: Decisions,
+    labels: np.ndarray,
+    prio: np.ndarray,
+    evals: EvalSet,
+) -> None:
+    """Embed surviving rows; mark near-contaminated and near-duplicate rows in ``decisions``."""
+    from prefcurate.backends.embed import get_embedder
+    from prefcurate.stages.dedupe import mark_contaminated
+
+    embedder = get_embedder(cfg.model, cfg.device, ctx.cache_dir)
+    threshold = cfg.threshold or default_threshold(embedder.name)
+    ctx.extra.update(model=embedder.name, embed_device=embedder.device, threshold=threshold)
+    ctx.progress.note(f"dedupe: embedding with {embedder.name} on {embedder.device}")
+    cand = np.flatnonzero(decisions.reason == KEEP)
+    parts = PARTS[cfg.on] if cfg.semantic else ()
+    with_prompt = bool(evals.texts) and "prompt" not in parts
+    vectors, prompt_vecs = _embed(source, cfg, ctx, embedder, cand, parts, with_prompt)
+    if evals.texts:
+        hit, sims, match = _contamination(cfg, ctx, embedder, prompt_vecs, evals, threshold)
+        rows = np.zeros(len(decisions.reason), bool)
+        rows[cand[hit]] = True
+        ref = np.full(len(rows), -1, np.int64)
+        ref[cand[hit]] = match[hit]
+        sim = np.ones(len(rows), np.float32)
+        sim[cand[hit]] = sims[hit]
+        mark_contaminated(decisions, labels, rows, ref, sim)
+        cand = cand[~hit]
+        vectors = vectors[~hit] if vectors is not None else None
+    if cfg.semantic:
+        _near_duplicates(cfg, ctx, decisions, prio, cand, vectors, threshold)
+    ctx.extra["encode_seconds"] = round(embedder.stats.encode_seconds, 3)
+    ctx.extra["texts"] = {
+        "requested": embedder.stats.requested,
+        "distinct": embedder.stats.distinct,
+        "cache_hits": embedder.stats.cache_hits,
+        "encoded": embedder.stats.encoded,
+    }
+    embedder.close()
+
+
+def _embed(source, cfg, ctx, embedder, cand: np.ndarray, parts: tuple[str, ...], with_prompt: bool):
+    """(row vectors for ``parts``, prompt vectors or None), in the order of ``cand``."""
+    started = time.perf_counter()
+    names = list(dict.fromkeys([*parts, *(["prompt"] if with_prompt else [])]))
+    dim = embedder.dim
+    out = {name: np.zeros((len(cand), dim), np.float32) for name in names}
+    task = ctx.progress.task("dedupe: embedding", total=len(cand) * len(names), unit="texts")
+    pos = 0
+    start = 0
+    for batch in source.batches(names, cfg.batch_size):
+        stop = start + batch.num_rows
+        lo, hi = np.searchsorted(cand, [start, stop])
+        if hi > lo:
+            taken = batch.take(cand[lo:hi] - start)
+            texts = part_texts(taken, names)
+            flat = embedder.encode([t for part in texts for t in part], progress=task)
+            for k, name in enumerate(names):
+                out[name][pos : pos + (hi - lo)] = flat[k * (hi - lo) : (k + 1) * (hi - lo)]
+            pos += hi - lo
+        start = stop
+    ctx.extra["embedding_wall_seconds"] = round(time.perf_counter() - started, 3)
+    vectors = np.concatenate([out[p] for p in parts], axis=1) / np.sqrt(len(parts)) if parts else None
+    return vectors, out.get("prompt")
+
+
+def _contamination(cfg, ctx, embedder, prompt_vecs: np.ndarray, evals: EvalSet, threshold: float):
+    from prefcurate.backends.index import nearest
+
+    cthreshold = cfg.contamination_threshold or threshold
+    eval_vecs = embedder.encode(evals.texts)
+    sims, match, info = nearest(eval_vecs, prompt_vecs, cfg.device, "flat")
+    hit = (sims >= cthreshold) & (match >= 0)
+    ctx.extra["contamination"] = {"eval_prompts": len(evals.texts), "threshold": cthreshold, "index": info.describe()}
+    return hit, sims, match
+
+
+def _near_duplicates(cfg, ctx, decisions: Decisions, prio, cand: np.ndarray, vectors: np.ndarray, threshold: float):
+    from prefcurate.backends.index import connected_components, similar_pairs
+
+    task = ctx.progress.task("dedupe: neighbours", total=len(cand))
+    started = time.perf_counter()
+    i, j, _, info = similar_pairs(vectors, threshold, cfg.neighbors, cfg.device, cfg.index, task)
+    ctx.progress.note(f"dedupe: {info.describe()}")
+    comp = connected_components(len(cand), i, j)
+    keep, leader = cluster_decisions(comp, prio[cand], cfg.per_prompt if cfg.on == "prompt" else 1)
+    gone = np.flatnonzero(~keep)
+    rows, leaders = cand[gone], cand[leader[gone]]
+    decisions.reason[rows] = NEAR
+    decisions.dup_of[rows] = leaders
+    decisions.similarity[rows] = np.einsum("ij,ij->i", vectors[gone], vectors[leader[gone]])
+    ctx.extra.update(
+        index=info.kind,
+        index_device=info.device,
+        index_detail=info.describe(),
+        search_seconds=round(time.perf_counter() - started, 3),
+        near_cluster_sizes=size_histogram(comp),
+        near_edges=int(len(i)),
+    )

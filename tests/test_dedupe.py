@@ -1,0 +1,280 @@
+"""dedupe on real rows (LLMBar, HH-RLHF) with planted duplicates whose answer is known."""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prefcurate.errors import ConfigError
+from prefcurate.shards import Manifest, count_rows, read_table
+from prefcurate.stages.dedupe import DedupeConfig, DedupeStage
+from tests.conftest import hh_rows, llmbar_rows, make_stage_dir, write_jsonl
+
+
+def _pairs(n: int = 40) -> list[dict]:
+    out = []
+    for k, r in enumerate(llmbar_rows("natural")[:n]):
+        good, bad = (r["output_1"], r["output_2"]) if r["label"] == 1 else (r["output_2"], r["output_1"])
+        out.append({"id": f"row{k}", "prompt": r["input"], "chosen": good, "rejected": bad})
+    return out
+
+
+def _paraphrase(text: str) -> str:
+    """Case, punctuation and one dropped word: what a scraped copy of a row looks like."""
+    words = text.replace(",", "").replace("!", ".").split(" ")
+    if len(words) > 6:
+        del words[len(words) // 2]
+    return " ".join(words).lower()
+
+
+def _planted() -> list[dict]:
+    rows = _pairs()
+    rows.append({**rows[0], "id": "exact-of-0", "prompt": "  " + rows[0]["prompt"].upper() + "\n"})
+    rows.append({**rows[1], "id": "swap-of-1", "chosen": rows[1]["rejected"], "rejected": rows[1]["chosen"]})
+    rows.append({**rows[2], "id": "tie-of-2", "tie": True})
+    para = {key: _paraphrase(rows[3][key]) for key in ("prompt", "chosen", "rejected")}
+    rows.append({"id": "para-of-3", **para})
+    # Same prompt as row 4, other answers: a distinct pair that must survive --on pair.
+    rows.append({"id": "other-answers-4", "prompt": rows[4]["prompt"], "chosen": rows[5]["chosen"], "rejected": rows[6]["rejected"]})
+    return rows
+
+
+def _run(tmp_path: Path, rows: list[dict], name: str = "out", **options) -> tuple[Manifest, dict, dict]:
+    src = tmp_path / f"in-{name}"
+    if not src.exists():
+        make_stage_dir(src, rows)
+    manifest, _ = DedupeStage(DedupeConfig(**options)).run(src, tmp_path / name, fresh=True)
+    kept = read_table(tmp_path / name, ["id"]).column("id").to_pylist()
+    rejects = {r["id"]: r for r in read_table(tmp_path / name, subdir="rejects").to_pylist()} if manifest.rows_rejected else {}
+    assert manifest.rows_in == len(rows) == len(kept) + len(rejects)
+    return manifest, {k: True for k in kept}, rejects
+
+
+def test_planted_duplicates_are_found_with_their_reasons(tmp_path):
+    manifest, kept, rejects = _run(tmp_path, _planted())
+    assert {k: (v["reject_reason"], v["duplicate_of"]) for k, v in rejects.items()} == {
+        "exact-of-0": ("exact-duplicate", "row0"),
+        "swap-of-1": ("swapped-duplicate", "row1"),
+        "tie-of-2": ("conflicting-duplicate", "row2"),
+        "para-of-3": ("near-duplicate", "row3"),
+    }
+    assert "other-answers-4" in kept and "row4" in kept
+    assert rejects["para-of-3"]["similarity"] >= manifest.extra["threshold"]
+    assert manifest.reject_reasons == {
+        "exact-duplicate": 1, "swapped-duplicate": 1, "conflicting-duplicate": 1, "near-duplicate": 1,
+    }
+    extra = manifest.extra
+    assert extra["counts"]["near-duplicate"] == 1 and extra["exact_group_sizes"] == {"1": 39, "2": 3}
+    assert extra["near_cluster_sizes"]["2"] == 1 and extra["index"] == "flat" and extra["index_device"] == "cpu"
+    assert extra["model"].startswith("static-") and 0 < extra["encode_seconds"] <= extra["total_seconds"]
+
+
+def test_switches_turn_each_kind_off(tmp_path):
+    rows = _planted()
+    _, _, rejects = _run(tmp_path, rows, "a", semantic=False)
+    assert set(rejects) == {"exact-of-0", "swap-of-1", "tie-of-2"}
+    _, _, rejects = _run(tmp_path, rows, "b", semantic=False, swapped=False)
+    assert set(rejects) == {"exact-of-0", "tie-of-2"}
+    _, _, rejects = _run(tmp_path, rows, "c", semantic=False, exact=False)
+    assert set(rejects) == {"swap-of-1"}
+    _, _, rejects = _run(tmp_path, rows, "d", semantic=False, normalize=["none"])
+    assert set(rejects) == {"swap-of-1", "tie-of-2"}  # the upper-cased copy is no longer exact
+
+
+def test_drop_conflicts_removes_both_sides(tmp_path):
+    _, kept, rejects = _run(tmp_path, _planted(), semantic=False, drop_conflicts=True)
+    assert {"row1", "swap-of-1", "row2", "tie-of-2"} <= set(rejects) and "row0" in kept
+    assert rejects["row1"]["duplicate_of"] == "swap-of-1"
+
+
+def _copies(margins=(0.1, 0.9, 0.5)) -> list[dict]:
+    base = _pairs(6)
+    rows = [dict(r) for r in base]
+    for k, m in enumerate(margins):
+        rows.append({**base[0], "id": f"copy{k}", "prompt": base[0]["prompt"] + " " * (k + 1)})
+    for r in rows:
+        r["margin_mean"] = {"copy0": 0.1, "copy1": 0.9, "copy2": 0.5}.get(r["id"], 0.0)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("policy", "winner"), [("first", "row0"), ("longest", "copy2"), ("highest-margin", "copy1")]
+)
+def test_keep_policies(tmp_path, policy, winner):
+    _, kept, rejects = _run(tmp_path, _copies(), semantic=False, keep=policy)
+    group = {"row0", "copy0", "copy1", "copy2"}
+    assert group & set(kept) == {winner}
+    assert all(rejects[r]["duplicate_of"] == winner for r in group - {winner})
+
+
+def test_keep_random_is_seeded_and_ignores_row_order(tmp_path):
+    rows = _copies()
+    _, kept_a, _ = _run(tmp_path, rows, "a", semantic=False, keep="random", seed=7)
+    _, kept_b, _ = _run(tmp_path, rows[::-1], "b", semantic=False, keep="random", seed=7)
+    assert set(kept_a) == set(kept_b)
+    winners = {
+        next(iter({"row0", "copy0", "copy1", "copy2"} & set(_run(tmp_path, rows, f"s{s}", semantic=False, keep="random", seed=s)[1])))
+        for s in range(8)
+    }
+    assert len(winners) > 1  # the seed matters
+
+
+def test_highest_margin_without_the_column_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="margin_mean"):
+        _run(tmp_path, _pairs(5), semantic=False, keep="highest-margin")
+
+
+def test_on_prompt_keeps_per_prompt_pairs_per_cluster(tmp_path):
+    base = _pairs(12)
+    rows = [dict(r) for r in base]
+    answers = [(base[k]["chosen"], base[k + 1]["rejected"]) for k in range(5, 10)]
+    for k, (c, r) in enumerate(answers):  # five pairs on near-identical copies of prompt 0
+        rows.append({"id": f"p0-{k}", "prompt": _paraphrase(base[0]["prompt"]) + "?" * k, "chosen": c, "rejected": r})
+    _, kept, rejects = _run(tmp_path, rows, "pair")
+    assert not any(r.startswith("p0-") for r in rejects)  # different answers: distinct pairs
+    _, kept, rejects = _run(tmp_path, rows, "prompt", on="prompt", per_prompt=2)
+    cluster = {"row0", *(f"p0-{k}" for k in range(5))}
+    assert cluster & set(kept) == {"row0", "p0-0"}
+    assert {rejects[r]["reject_reason"] for r in cluster - set(kept)} == {"near-duplicate"}
+    assert all(rejects[r]["duplicate_of"] == "row0" for r in cluster - set(kept))
+
+
+def test_on_response_matches_answers_across_prompts(tmp_path):
+    rows = _pairs(10)
+    rows.append({"id": "same-answers", "prompt": rows[8]["prompt"], "chosen": rows[0]["chosen"], "rejected": rows[0]["rejected"]})
+    _, _, rejects = _run(tmp_path, rows, "pair")
+    assert "same-answers" not in rejects
+    _, _, rejects = _run(tmp_path, rows, "resp", on="response")
+    assert rejects["same-answers"]["duplicate_of"] == "row0"
+
+
+def test_decontamination_against_jsonl_txt_and_stage_dir(tmp_path):
+    rows = _pairs(30)
+    rows.append({**rows[7], "id": "dup-of-7"})
+    evals = [{"prompt": rows[7]["prompt"].upper()}, {"prompt": _paraphrase(rows[8]["prompt"]) + " Thanks!"}, {"prompt": "What is 17 * 23?"}]
+    jsonl = write_jsonl(tmp_path / "eval.jsonl", evals)
+    manifest, kept, rejects = _run(tmp_path, rows, "j", against=[jsonl])
+    assert {k for k, v in rejects.items() if v["reject_reason"] == "contaminated"} == {"row7", "dup-of-7", "row8"}
+    assert rejects["row7"]["duplicate_of"] == "eval.jsonl:1" and rejects["row7"]["similarity"] == 1.0
+    assert rejects["row8"]["duplicate_of"] == "eval.jsonl:2" and 0.93 <= rejects["row8"]["similarity"] < 0.999
+    assert manifest.extra["contamination"]["eval_prompts"] == 3
+    txt = tmp_path / "eval.txt"
+    txt.write_text(rows[9]["prompt"].replace("\n", " ") + "\n")
+    _, _, rejects = _run(tmp_path, rows, "t", against=[txt], semantic=False)
+    assert [k for k, v in rejects.items() if v["reject_reason"] == "contaminated"] == ["row9"]
+    evaldir = make_stage_dir(tmp_path / "evalset", [{"id": "e1", "prompt": rows[10]["prompt"], "chosen": "a", "rejected": "b"}])
+    _, _, rejects = _run(tmp_path, rows, "d", against=[evaldir], semantic=False)
+    assert rejects["row10"]["duplicate_of"] == "e1"
+
+
+def test_second_run_encodes_nothing(tmp_path):
+    marker = uuid.uuid4().hex  # texts no other test has cached
+    rows = [{**r, "prompt": f"{r['prompt']} [{marker}]"} for r in _pairs(20)]
+    first, _, _ = _run(tmp_path, rows, "a")
+    assert first.extra["texts"]["encoded"] > 0
+    second, _, _ = _run(tmp_path, rows, "b", threshold=0.99)
+    assert second.extra["texts"]["encoded"] == 0
+    assert second.extra["texts"]["cache_hits"] == second.extra["texts"]["distinct"] > 0
+
+
+def test_real_hh_rows_with_planted_copies(tmp_path):
+    rows = []
+    for k, r in enumerate(hh_rows(60)):
+        head, _, c = r["chosen"].rpartition("\n\nAssistant:")
+        _, _, j = r["rejected"].rpartition("\n\nAssistant:")
+        rows.append({"id": f"hh{k}", "prompt": head.strip(), "chosen": c.strip(), "rejected": j.strip()})
+    copies = [{"id": f"copy{k}", **{f: _paraphrase(rows[k][f]) for f in ("prompt", "chosen", "rejected")}} for k in (3, 17, 42)]
+    _, kept, rejects = _run(tmp_path, rows + copies, semantic=True, exact=True)
+    planted = {f"copy{k}": f"hh{k}" for k in (3, 17, 42)}
+    assert {k: rejects[k]["duplicate_of"] for k in planted if k in rejects} == planted
+    # Rows in = out + rejects, on disk.
+    assert count_rows(tmp_path / "out") + count_rows(tmp_path / "out", "rejects") == len(rows) + 3
+
+
+def test_dedupe_is_idempotent_on_real_rows(tmp_path):
+    _, kept, _ = _run(tmp_path, _planted())
+    again, _ = DedupeStage(DedupeConfig()).run(tmp_path / "out", tmp_path / "again", fresh=True)
+    assert again.rows_rejected == 0 and again.rows_out == len(kept)
+
+
+def test_rejects_schema_has_typed_extras(tmp_path):
+    _run(tmp_path, _planted(), semantic=False)
+    schema = pq.read_schema(next((tmp_path / "out" / "rejects").glob("*.parquet")))
+    assert str(schema.field("duplicate_of").type) == "string" and str(schema.field("similarity").type) == "double"
+
+
+def test_normalize_none_cannot_mix():
+    with pytest.raises(ConfigError):
+        DedupeConfig(normalize=["none", "case"])
+
+
+_POOL = [r["input"] for r in llmbar_rows("natural")[:3]] if True else []
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    picks=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 3), st.booleans(), st.booleans()), min_size=1, max_size=14),
+    seed=st.integers(0, 1000),
+)
+def test_exact_and_swapped_are_idempotent_and_order_insensitive(picks, seed):
+    answers = [r["output_1"] for r in llmbar_rows("natural")[:4]]
+    rows = []
+    for k, (p, c, r, upper, tie) in enumerate(picks):
+        prompt = _POOL[p].upper() if upper else _POOL[p]
+        rows.append({"id": f"r{k}", "prompt": prompt, "chosen": answers[c], "rejected": answers[r], "tie": tie})
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        _, kept_a, rej_a = _run(tmp_path, rows, "a", semantic=False)
+        _, kept_b, rej_b = _run(tmp_path, shuffled, "b", semantic=False)
+
+        def content(kept: dict) -> list:
+            by_id = {r["id"]: r for r in rows}
+            return sorted(
+                json.dumps([by_id[i]["prompt"].lower(), sorted([by_id[i]["chosen"], by_id[i]["rejected"]])]) for i in kept
+            )
+
+        assert content(kept_a) == content(kept_b)
+        again, _ = DedupeStage(DedupeConfig(semantic=False)).run(tmp_path / "a", tmp_path / "a2", fresh=True)
+        assert again.rows_rejected == 0 and again.rows_out == len(kept_a)
+
+
+def test_cli_dedupe(tmp_path, cli):
+    src = make_stage_dir(tmp_path / "in", _planted())
+    result = cli("dedupe", src, "-o", tmp_path / "out", "--no-semantic", "--keep", "first", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    manifest = Manifest.load(tmp_path / "out")
+    assert manifest.reject_reasons == {"exact-duplicate": 1, "swapped-duplicate": 1, "conflicting-duplicate": 1}
+    result = cli("dedupe", src, "-o", tmp_path / "out2", "--keep", "highest-margin", "--quiet")
+    assert result.exit_code == 2 and "margin_mean" in result.stderr
+    result = cli("dedupe", src, "-o", tmp_path / "out3", "--against", tmp_path / "missing.jsonl", "--quiet")
+    assert result.exit_code == 2 and "missing.jsonl" in result.stderr
+
+
+def test_cli_help_lists_the_options(cli):
+    result = cli("dedupe", "--help")
+    assert result.exit_code == 0
+    for option in ("--threshold", "--keep", "--on", "--per-prompt", "--against", "--no-semantic", "--device", "--model"):
+        assert option in result.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_path_gives_the_cpu_answer(tmp_path):
+    torch = pytest.importorskip("torch")
+    from prefcurate.backends.index import gpu_available
+
+    if not (torch.cuda.is_available() and gpu_available()):
+        pytest.skip("needs CUDA torch and GPU FAISS")
+    manifest, _, rejects = _run(tmp_path, _planted(), "gpu", device="cuda", model="static")
+    assert manifest.extra["index_device"] == "cuda"
+    _, _, cpu_rejects = _run(tmp_path, _planted(), "cpu", device="cpu", model="static")
+    assert set(rejects) == set(cpu_rejects)

@@ -1,0 +1,112 @@
+"""Embedding backend: the packaged models load offline, vectors are unit length, and the
+on-disk cache makes a second encode of the same texts free."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from prefcurate.backends.embed import get_embedder, resolve_device
+from prefcurate.errors import InputError
+from tests.conftest import hh_rows, llmbar_rows
+
+
+def _texts(n: int) -> list[str]:
+    return [r["output_1"] for r in llmbar_rows("natural")[:n]]
+
+
+def test_static_vectors_are_unit_float32_and_one_per_text(model_cache_dir):
+    emb = get_embedder("static", "cpu", model_cache_dir / "t1")
+    texts = _texts(20)
+    vecs = emb.encode(texts)
+    assert vecs.shape == (20, emb.dim) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=2e-3)
+    assert emb.name.startswith("static-") and emb.device == "cpu"
+
+
+def test_each_distinct_text_is_encoded_once(model_cache_dir):
+    emb = get_embedder("static", "cpu", model_cache_dir / "t2")
+    texts = _texts(10)
+    vecs = emb.encode(texts + texts[:4] + texts)
+    assert emb.stats.encoded == 10 and emb.stats.distinct == 10 and emb.stats.requested == 24
+    np.testing.assert_array_equal(vecs[:4], vecs[10:14])
+
+
+def test_cache_survives_a_new_embedder_and_returns_identical_vectors(model_cache_dir):
+    root = model_cache_dir / "t3"
+    texts = _texts(30)
+    first = get_embedder("static", "cpu", root)
+    a = first.encode(texts)
+    first.close()
+    second = get_embedder("static", "cpu", root)
+    b = second.encode(list(reversed(texts)))
+    assert second.stats.encoded == 0 and second.stats.cache_hits == 30
+    np.testing.assert_array_equal(a, b[::-1])
+    assert (root / "embeddings").is_dir()
+
+
+def test_two_writers_on_one_cache_do_not_lose_or_corrupt_vectors(model_cache_dir):
+    root = model_cache_dir / "t4"
+    texts = _texts(60)
+    embedders = [get_embedder("static", "cpu", root) for _ in range(2)]
+    results: dict[int, np.ndarray] = {}
+
+    def work(k: int) -> None:
+        results[k] = embedders[k].encode(texts[k * 20 : k * 20 + 40], batch_size=7)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    third = get_embedder("static", "cpu", root)
+    again = third.encode(texts[:60])
+    assert third.stats.encoded == 0
+    np.testing.assert_array_equal(again[20:40], results[0][20:40])
+    np.testing.assert_array_equal(again[20:40], results[1][:20])
+
+
+def test_paraphrase_is_closer_than_an_unrelated_text(model_cache_dir):
+    rows = hh_rows(3)
+    a = rows[0]["chosen"].rsplit("Assistant:", 1)[-1]
+    para = a.replace(",", "").lower()
+    other = rows[2]["rejected"].rsplit("Assistant:", 1)[-1]
+    emb = get_embedder("static", "cpu", model_cache_dir / "t5")
+    va, vp, vo = emb.encode([a, para, other])
+    assert va @ vp > 0.95 > va @ vo
+
+
+def test_packaged_minilm_loads_offline(model_cache_dir):
+    emb = get_embedder("minilm", "cpu", model_cache_dir / "t6")
+    vecs = emb.encode(["a cat sat on the mat", "a kitten sat on the rug", "quarterly tax filing deadline"])
+    assert emb.dim == 384 and emb.name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
+
+
+def test_unknown_model_is_one_line_input_error(model_cache_dir):
+    with pytest.raises(InputError) as err:
+        get_embedder("no-such-org/no-such-model-xyz", "cpu", model_cache_dir / "t7")
+    assert "no-such-model-xyz" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_auto_device_is_cpu_without_cuda_and_cuda_is_refused():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(InputError):
+        resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_minilm_on_cuda_matches_cpu(model_cache_dir):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    texts = _texts(16)
+    gpu = get_embedder("auto", "auto", model_cache_dir / "gpu")
+    assert gpu.device == "cuda" and gpu.name == "sentence-transformers/all-MiniLM-L6-v2"
+    cpu = get_embedder("minilm", "cpu", model_cache_dir / "cpu")
+    np.testing.assert_allclose(gpu.encode(texts), cpu.encode(texts), atol=2e-2)

@@ -1,0 +1,112 @@
+"""FAISS backend: similar pairs above a threshold, index choice by size, approximate recall,
+connected components (transitive clusters), and device selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prefcurate.backends.index import (
+    CPU_EXACT_MAX_ROWS,
+    NeighborIndex,
+    choose_kind,
+    connected_components,
+    gpu_available,
+    nearest,
+    resolve_index_device,
+    similar_pairs,
+)
+from prefcurate.errors import MissingDependency
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _planted(n: int, dups: int, dim: int = 64, seed: int = 0) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """Random unit vectors (near-orthogonal) plus ``dups`` noisy copies (cosine ~0.98) of earlier rows."""
+    rng = np.random.default_rng(seed)
+    base = _unit(rng.normal(size=(n, dim)))
+    src = rng.choice(n, dups, replace=False)
+    copies = _unit(base[src] + 0.1 * _unit(rng.normal(size=(dups, dim))))
+    vecs = np.concatenate([base, copies])
+    return vecs, {(int(s), n + k) for k, s in enumerate(src)}
+
+
+def test_flat_finds_exactly_the_planted_pairs():
+    vecs, truth = _planted(500, 40)
+    i, j, s, info = similar_pairs(vecs, 0.9, k=8, device="cpu", kind="flat")
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == truth
+    assert (s >= 0.9).all() and (i < j).all() and info.kind == "flat" and info.device == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_recall_planted_pairs(kind):
+    vecs, truth = _planted(3000, 200)
+    i, j, _, info = similar_pairs(vecs, 0.9, k=8, device="cpu", kind=kind)
+    found = set(zip(i.tolist(), j.tolist(), strict=True))
+    assert info.kind == kind
+    assert len(found & truth) / len(truth) >= 0.95
+    assert found <= truth  # nothing below the threshold sneaks in
+
+
+def test_auto_index_is_exact_when_small_and_ivf_when_large():
+    assert choose_kind(CPU_EXACT_MAX_ROWS, "cpu") == "flat"
+    assert choose_kind(CPU_EXACT_MAX_ROWS + 1, "cpu") == "ivf"
+    assert choose_kind(10, "cpu", "hnsw") == "hnsw"
+    vecs, _ = _planted(200, 0)
+    assert NeighborIndex(vecs, "cpu").info.kind == "flat"
+
+
+def test_clusters_are_transitive():
+    # A~B and B~C above 0.9, A~C below: all three must end in one cluster.
+    a = np.array([1.0, 0.0, 0.0])
+    b = np.array([np.cos(0.4), np.sin(0.4), 0.0])
+    c = np.array([np.cos(0.8), np.sin(0.8), 0.0])
+    far = np.array([0.0, 0.0, 1.0])
+    vecs = _unit(np.stack([a, b, c, far]))
+    assert vecs[0] @ vecs[1] > 0.9 and vecs[1] @ vecs[2] > 0.9 and vecs[0] @ vecs[2] < 0.9
+    i, j, _, _ = similar_pairs(vecs, 0.9, k=3, device="cpu", kind="flat")
+    labels = connected_components(4, i, j)
+    assert labels[0] == labels[1] == labels[2] != labels[3]
+
+
+def test_a_cluster_larger_than_k_stays_one_component():
+    rng = np.random.default_rng(1)
+    center = _unit(rng.normal(size=32))
+    members = _unit(center + 0.05 * rng.normal(size=(60, 32)))
+    others = _unit(rng.normal(size=(100, 32)))
+    i, j, _, _ = similar_pairs(np.concatenate([members, others]), 0.9, k=4, device="cpu", kind="flat")
+    labels = connected_components(160, i, j)
+    assert len(set(labels[:60].tolist())) == 1 and len(set(labels[60:].tolist())) == 100
+
+
+def test_nearest_returns_best_base_row_per_query():
+    vecs, truth = _planted(300, 10)
+    pairs = sorted(truth)
+    base = vecs[[s for s, _ in pairs]]
+    sims, idx, _ = nearest(base, vecs[[c for _, c in pairs]], device="cpu")
+    assert idx.tolist() == list(range(10)) and (sims > 0.9).all()
+
+
+def test_empty_input_gives_no_pairs():
+    i, j, s, _ = similar_pairs(np.zeros((0, 8), np.float32), 0.9, device="cpu")
+    assert len(i) == len(j) == len(s) == 0
+
+
+def test_cuda_without_gpu_faiss_is_a_missing_dependency():
+    if gpu_available():
+        pytest.skip("GPU FAISS present")
+    assert resolve_index_device("auto") == "cpu"
+    with pytest.raises(MissingDependency):
+        resolve_index_device("cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_search_matches_cpu():
+    if not gpu_available():
+        pytest.skip("no GPU FAISS / CUDA device")
+    vecs, truth = _planted(5000, 100)
+    i, j, _, info = similar_pairs(vecs, 0.9, k=8, device="cuda")
+    assert info.device == "cuda"
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == truth
