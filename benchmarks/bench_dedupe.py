@@ -254,7 +254,7 @@ def index_sweep(work: Path, sizes: list[int]) -> None:
             if kind == "flat" and n > 60_000:
                 continue
             t = time.perf_counter()
-            i, j, _, info = similar_pairs(vecs, 0.90, 16, "cpu", kind)
+            i, j, _, info = similar_pairs(vecs, 0.92, 16, "cpu", kind)
             edges[kind] = set(zip(i.tolist(), j.tolist(), strict=True))
             rec = len(edges[kind] & edges["flat"]) / max(1, len(edges["flat"])) if "flat" in edges else None
             print(json.dumps({"rows": n, "dim": vecs.shape[1], "index": kind, "seconds": round(time.perf_counter() - t, 2),

@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--embed-model", default="static")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--member", action="append", help="score members (default: the stage default, embedding-bt)")
     ap.add_argument("--flip-share", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -145,7 +146,8 @@ def main() -> None:
     pairs, truth = load_pairs(args.flip_share, args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench-score-"))
     src = write_stage(work / "in", pairs)
-    cfg = ScoreConfig(embed_model=args.embed_model, folds=args.folds, seeds=args.seeds)
+    members = {"member": args.member} if args.member else {}
+    cfg = ScoreConfig(embed_model=args.embed_model, folds=args.folds, seeds=args.seeds, **members)
     t0 = time.perf_counter()
     ScoreStage(cfg).run(src, work / "scored", fresh=True)
     first = time.perf_counter() - t0
@@ -158,10 +160,11 @@ def main() -> None:
     p, r = precision_recall(flipped, truth)
     n = len(pairs)
     print(f"data: {n} HH-RLHF harmless pairs, {int(truth.sum())} flipped ({args.flip_share:.0%}, seed {args.seed})")
-    print(f"prefcurate embedding-bt ({args.embed_model}, {args.folds} folds x {args.seeds} seeds):")
+    print(f"prefcurate {', '.join(cfg.member)} ({args.embed_model}, {args.folds} folds x {args.seeds} seeds):")
     print(f"  AUROC(-margin_mean) = {auroc(-margin, truth):.3f}")
     print(f"  flip rule (defaults): flipped {int(flipped.sum())}, precision {p:.3f}, recall {r:.3f}")
-    print(f"  C chosen: {manifest.extra['members']['embedding_bt']['C']}")
+    for name, info in manifest.extra["members"].items():
+        print(f"  {name}: C * n chosen {info.get('C')}, embeddings {info.get('embed_model')}")
     b = baseline(src, truth, args.embed_model, args.seed)
     print("cleanlab find_label_issues on OOF logistic regression (same features):")
     print(

@@ -4,6 +4,7 @@ on-disk cache makes a second encode of the same texts free."""
 from __future__ import annotations
 
 import threading
+import uuid
 
 import numpy as np
 import pytest
@@ -14,11 +15,14 @@ from tests.conftest import hh_rows, llmbar_rows
 
 
 def _texts(n: int) -> list[str]:
-    return [r["output_1"] for r in llmbar_rows("natural")[:n]]
+    """Real texts with a fresh marker: the model cache is shared by the session (the static
+    model is distilled once), so a marker keeps other tests' cached vectors out."""
+    marker = uuid.uuid4().hex[:8]
+    return [f"{r['output_1']} ({marker})" for r in llmbar_rows("natural")[:n]]
 
 
 def test_static_vectors_are_unit_float32_and_one_per_text(model_cache_dir):
-    emb = get_embedder("static", "cpu", model_cache_dir / "t1")
+    emb = get_embedder("static", "cpu", model_cache_dir)
     texts = _texts(20)
     vecs = emb.encode(texts)
     assert vecs.shape == (20, emb.dim) and vecs.dtype == np.float32
@@ -27,7 +31,7 @@ def test_static_vectors_are_unit_float32_and_one_per_text(model_cache_dir):
 
 
 def test_each_distinct_text_is_encoded_once(model_cache_dir):
-    emb = get_embedder("static", "cpu", model_cache_dir / "t2")
+    emb = get_embedder("static", "cpu", model_cache_dir)
     texts = _texts(10)
     vecs = emb.encode(texts + texts[:4] + texts)
     assert emb.stats.encoded == 10 and emb.stats.distinct == 10 and emb.stats.requested == 24
@@ -35,7 +39,7 @@ def test_each_distinct_text_is_encoded_once(model_cache_dir):
 
 
 def test_cache_survives_a_new_embedder_and_returns_identical_vectors(model_cache_dir):
-    root = model_cache_dir / "t3"
+    root = model_cache_dir
     texts = _texts(30)
     first = get_embedder("static", "cpu", root)
     a = first.encode(texts)
@@ -44,11 +48,11 @@ def test_cache_survives_a_new_embedder_and_returns_identical_vectors(model_cache
     b = second.encode(list(reversed(texts)))
     assert second.stats.encoded == 0 and second.stats.cache_hits == 30
     np.testing.assert_array_equal(a, b[::-1])
-    assert (root / "embeddings").is_dir()
+    assert list((root / "embeddings").glob("static-*.sqlite"))
 
 
 def test_two_writers_on_one_cache_do_not_lose_or_corrupt_vectors(model_cache_dir):
-    root = model_cache_dir / "t4"
+    root = model_cache_dir
     texts = _texts(60)
     embedders = [get_embedder("static", "cpu", root) for _ in range(2)]
     results: dict[int, np.ndarray] = {}
@@ -73,13 +77,13 @@ def test_paraphrase_is_closer_than_an_unrelated_text(model_cache_dir):
     a = rows[0]["chosen"].rsplit("Assistant:", 1)[-1]
     para = a.replace(",", "").lower()
     other = rows[2]["rejected"].rsplit("Assistant:", 1)[-1]
-    emb = get_embedder("static", "cpu", model_cache_dir / "t5")
+    emb = get_embedder("static", "cpu", model_cache_dir)
     va, vp, vo = emb.encode([a, para, other])
     assert va @ vp > 0.95 > va @ vo
 
 
 def test_packaged_minilm_loads_offline(model_cache_dir):
-    emb = get_embedder("minilm", "cpu", model_cache_dir / "t6")
+    emb = get_embedder("minilm", "cpu", model_cache_dir)
     vecs = emb.encode(["a cat sat on the mat", "a kitten sat on the rug", "quarterly tax filing deadline"])
     assert emb.dim == 384 and emb.name == "sentence-transformers/all-MiniLM-L6-v2"
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
@@ -87,7 +91,7 @@ def test_packaged_minilm_loads_offline(model_cache_dir):
 
 def test_unknown_model_is_one_line_input_error(model_cache_dir):
     with pytest.raises(InputError) as err:
-        get_embedder("no-such-org/no-such-model-xyz", "cpu", model_cache_dir / "t7")
+        get_embedder("no-such-org/no-such-model-xyz", "cpu", model_cache_dir)
     assert "no-such-model-xyz" in str(err.value) and "\n" not in str(err.value)
 
 

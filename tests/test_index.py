@@ -23,7 +23,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def _planted(n: int, dups: int, dim: int = 64, seed: int = 0) -> tuple[np.ndarray, set[tuple[int, int]]]:
+def _planted(n: int, dups: int, dim: int = 128, seed: int = 0) -> tuple[np.ndarray, set[tuple[int, int]]]:
     """Random unit vectors (near-orthogonal) plus ``dups`` noisy copies (cosine ~0.98) of earlier rows."""
     rng = np.random.default_rng(seed)
     base = _unit(rng.normal(size=(n, dim)))
@@ -42,7 +42,7 @@ def test_flat_finds_exactly_the_planted_pairs():
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_recall_planted_pairs(kind):
-    vecs, truth = _planted(3000, 200)
+    vecs, truth = _planted(2000, 150)
     i, j, _, info = similar_pairs(vecs, 0.9, k=8, device="cpu", kind=kind)
     found = set(zip(i.tolist(), j.tolist(), strict=True))
     assert info.kind == kind

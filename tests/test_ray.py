@@ -110,6 +110,19 @@ class LengthColumnStage(Stage):
             offset += batch.num_rows
 
 
+class DriverStage(Stage):
+    """Global (overrides ``process`` only): any engine runs it in the driver process."""
+
+    name = "driver-test"
+    config_cls = MedianConfig
+
+    def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
+        assert source is not None
+        ctx.extra["pid"] = os.getpid()
+        for batch in source.batches():
+            yield split(batch, _lengths(batch, "chosen") >= 100, "short")
+
+
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     ray = pytest.importorskip("ray")
@@ -145,11 +158,23 @@ def sharded_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "sharded"
 
 
-def _run_both(stage: Stage, src: Path, tmp_path: Path, ray_engine: Any) -> tuple[Manifest, Manifest]:
+def _not_on_the_driver(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("ran in the driver process, not on a Ray worker")
+
+
+def _run_both(
+    stage: Stage, src: Path, tmp_path: Path, ray_engine: Any, *, rejects: bool = True, forbid: Any = None
+) -> tuple[Manifest, Manifest]:
+    """Local then Ray; ``forbid`` (a pytest MonkeyPatch and a list of (owner, attribute)) makes
+    those fail in this process for the Ray run, so equal output proves workers did that work."""
     local, _ = stage.run(src, tmp_path / "local")
+    if forbid is not None:
+        monkeypatch, targets = forbid
+        for owner, attr in targets:
+            monkeypatch.setattr(owner, attr, _not_on_the_driver)
     remote, skipped = stage.run(src, tmp_path / "ray", engine=ray_engine)
     assert not skipped
-    for sub in ("data", "rejects"):
+    for sub in ("data", "rejects") if rejects else ("data",):
         a, b = read_table(tmp_path / "local", subdir=sub), read_table(tmp_path / "ray", subdir=sub)
         assert a.num_rows > 0
         assert a.schema.equals(b.schema, check_metadata=False)
@@ -209,11 +234,113 @@ def test_map_batches_inside_a_global_step_uses_the_actor_pool(
 
 def test_global_stage_runs_on_driver(ray_local: Any, sharded_input: Path, tmp_path: Path) -> None:
     from prefcurate.engines.ray_engine import RayEngine
+
+    stage = DriverStage(MedianConfig())
+    assert not is_row_wise(stage) and not is_two_phase(stage)
+    local, remote = _run_both(stage, sharded_input, tmp_path, RayEngine())
+    assert local.extra["pid"] == remote.extra["pid"] == os.getpid()
+
+
+@pytest.fixture(scope="module")
+def scored(ray_local: Any, sharded_input: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The real score stage (embedding-bt on the static model) under both engines, its
+    second pass forbidden in this process for the Ray run: (local output, ray output)."""
+    from prefcurate.engines.ray_engine import RayEngine
+    from prefcurate.stages.score import ScoreConfig, ScoreStage
+
+    base = tmp_path_factory.mktemp("ray-score")
+    stage = ScoreStage(ScoreConfig(member=["embedding-bt"], embed_model="static", folds=2, seeds=1))
+    assert is_two_phase(stage)
+    with pytest.MonkeyPatch.context() as mp:
+        local, remote = _run_both(
+            stage,
+            sharded_input,
+            base,
+            RayEngine(batch_rows=64),
+            rejects=False,
+            forbid=(mp, [(ScoreStage, "apply_batch")]),
+        )
+    # The plan (cross-fitting, standardization) ran on the driver: its figures are the same.
+    assert remote.extra["strength"] == local.extra["strength"]
+    assert remote.extra["members"]["embedding_bt"]["scale"] == local.extra["members"]["embedding_bt"]["scale"]
+    data = read_table(base / "ray")
+    assert data.num_rows == 600 and {"margin__embedding_bt", "margin_mean", "margin_agree"} <= set(data.column_names)
+    return base / "local", base / "ray"
+
+
+def test_real_score_stage_applies_on_ray_workers(scored: tuple[Path, Path]) -> None:
+    local, remote = scored
+    assert read_table(local).equals(read_table(remote))
+
+
+def test_real_filter_stage_applies_on_ray_workers(
+    scored: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefcurate.engines.ray_engine import RayEngine
     from prefcurate.stages.filter import FilterConfig, FilterStage
 
-    stage = FilterStage(FilterConfig(max_length_ratio=1.5))
-    assert not is_row_wise(stage)
-    _run_both(stage, sharded_input, tmp_path, RayEngine())
+    cfg = FilterConfig(
+        flip=True,
+        flip_below="q0.1",
+        drop_ambiguous=True,
+        ambiguous_std_above="q0.9",
+        max_length_ratio=3.0,
+        keep_top_fraction=0.8,
+    )
+    stage = FilterStage(cfg)
+    assert is_two_phase(stage) and not is_row_wise(stage)
+    forbid = (monkeypatch, [(FilterStage, "apply_batch")])
+    local, remote = _run_both(stage, scored[1], tmp_path, RayEngine(batch_rows=50), forbid=forbid)
+    assert remote.extra == local.extra  # rules, thresholds, strength: decided once, on the driver
+    assert local.extra["rules"]["flip"] > 0 and set(local.reject_reasons) == {"ambiguous", "below-top", "length-ratio"}
+    flipped = [
+        read_table(tmp_path / "ray", subdir=sub).filter(pc.field("flipped")).num_rows for sub in ("data", "rejects")
+    ]
+    assert sum(flipped) == local.extra["rules"]["flip"]
+
+
+@pytest.fixture(scope="module")
+def hf_rm(sharded_input: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random reward model whose vocabulary covers the input (built here, offline)."""
+    from tests.test_score import _build_rm
+
+    texts = read_table(sharded_input, columns=["chosen"])["chosen"].to_pylist()
+    vocab = sorted({w for msgs in texts for w in render_text(msgs).split()})[:300] + ["user", "assistant", ":"]
+    return _build_rm(tmp_path_factory.mktemp("ray-rm") / "rm", vocab, template=True)
+
+
+def test_hf_reward_member_forward_passes_run_on_ray_actors(
+    ray_local: Any, sharded_input: Path, hf_rm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefcurate.backends import reward_hf
+    from prefcurate.engines.ray_engine import RayEngine
+    from prefcurate.stages.score import ScoreConfig, ScoreStage
+
+    stage = ScoreStage(ScoreConfig(member=[f"hf:{hf_rm}"], max_length=64, device="cpu"))
+    # The model is loaded and run only in actors: the driver may neither build nor call it.
+    forbid = (monkeypatch, [(reward_hf.WindowScorer, "__init__"), (reward_hf.WindowScorer, "__call__")])
+    local, remote = _run_both(stage, sharded_input, tmp_path, RayEngine(), rejects=False, forbid=forbid)
+    a, b = local.extra["members"]["hf_rm"], remote.extra["members"]["hf_rm"]
+    assert a == b and a["device"] == "cpu" and a["truncated"] > 0  # counted in actors, summed on the driver
+
+
+@pytest.mark.gpu
+def test_hf_reward_member_gets_a_gpu_per_ray_actor(
+    ray_local: Any, sharded_input: Path, hf_rm: Path, tmp_path: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or not ray_local.cluster_resources().get("GPU"):
+        pytest.skip("no CUDA device")
+    from prefcurate.engines.ray_engine import RayEngine
+    from prefcurate.stages.score import ScoreConfig, ScoreStage
+
+    cpu, _ = ScoreStage(ScoreConfig(member=[f"hf:{hf_rm}"], device="cpu")).run(sharded_input, tmp_path / "cpu")
+    # device=auto: an actor sees CUDA only when Ray gave it a GPU (num_gpus=1).
+    gpu, _ = ScoreStage(ScoreConfig(member=[f"hf:{hf_rm}"])).run(sharded_input, tmp_path / "gpu", engine=RayEngine())
+    info = gpu.extra["members"]["hf_rm"]
+    assert info["device"] == "cuda" and info["dtype"] == "bfloat16"
+    a, b = (read_table(tmp_path / d)["reward_chosen__hf_rm"].to_numpy() for d in ("cpu", "gpu"))
+    np.testing.assert_allclose(b, a, atol=0.05)  # bf16 rounding only
 
 
 def test_cli_engine_ray_matches_local(ray_local: Any, sharded_input: Path, tmp_path: Path, cli: Any) -> None:

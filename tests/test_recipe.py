@@ -126,3 +126,14 @@ def test_yaml_on_off_yes_no_are_strings_not_booleans(tmp_path):
     assert "\n    on: prompt" in text or "on: prompt" in text
     dedupe = load_recipe(path).stages[0].config
     assert (dedupe.on, dedupe.semantic, dedupe.exact) == ("prompt", True, False)
+
+
+def test_every_shipped_recipe_validates(cli):
+    from tests.conftest import REPO
+
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert {p.name for p in recipes} >= {"quickstart.yaml", "hh-rlhf.yaml", "judge-local.yaml"}
+    for path in recipes:
+        result = cli("pipeline", "--check", path)
+        assert result.exit_code == 0, f"{path.name}: {result.stderr}"
+        assert not check_columns(load_recipe(path))

@@ -46,6 +46,9 @@ def test_member_names_are_column_safe_and_unique():
     assert member_name("embedding-bt") == "embedding_bt"
     assert member_name("hf:OpenAssistant/reward-model-deberta-v3-large-v2") == "hf_reward_model_deberta_v3_large_v2"
     assert member_name("hf:/tmp/models/Tiny.RM/") == "hf_tiny_rm"
+    assert member_name("embedding-bt:minilm") == "embedding_bt_minilm"
+    members = parse_members(["embedding-bt", "embedding-bt:minilm"], MemberOptions(embed_model="static"))
+    assert [m.embed_model for m in members] == ["static", "minilm"]
     with pytest.raises(ConfigError, match="unknown reward member"):
         parse_members(["gpt-judge"], MemberOptions())
     with pytest.raises(ConfigError, match="share the column name"):

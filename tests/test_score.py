@@ -181,7 +181,7 @@ def test_judge_member_without_judge_pref_fails_with_a_hint(tmp_path, cli):
 
 
 def test_embedding_bt_on_real_rows_is_cross_fitted(tmp_path):
-    pairs = _pairs(60)
+    pairs = _pairs(40)
     cfg = ScoreConfig(embed_model="minilm", folds=3, seeds=2)
     manifest, _ = ScoreStage(cfg).run(make_stage_dir(tmp_path / "a", pairs), tmp_path / "a-out")
     a = read_table(tmp_path / "a-out")

@@ -30,6 +30,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,13 +146,19 @@ class Embedder:
         # Sorting by length keeps a transformer's padded batches tight; harmless for static.
         missing.sort(key=lambda k: len(texts[first[k]]))
         started = time.perf_counter()
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start : start + batch_size]
-            fresh = self._encode_batch([texts[first[k]] for k in chunk]).astype(np.float16)
-            self.cache.put_many(chunk, fresh)
-            vectors.update(zip(chunk, fresh, strict=True))
-            if progress is not None:
-                progress.advance(len(chunk))
+        # Cache writes run on a second thread (sqlite3 releases the GIL), overlapping the
+        # next batch's encoding instead of adding to it.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending = []
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                fresh = self._encode_batch([texts[first[k]] for k in chunk]).astype(np.float16)
+                pending.append(writer.submit(self.cache.put_many, chunk, fresh))
+                vectors.update(zip(chunk, fresh, strict=True))
+                if progress is not None:
+                    progress.advance(len(chunk))
+            for future in pending:
+                future.result()
         self.stats.encoded += len(missing)
         self.stats.encode_seconds += time.perf_counter() - started
         out = np.empty((len(texts), self.dim), dtype=np.float32)

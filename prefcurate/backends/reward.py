@@ -4,7 +4,9 @@ preferred), and, where the member scores responses, a reward per response.
 Members (``--member SPEC``):
 
 - ``embedding-bt``: a cross-fitted Bradley-Terry model on sentence embeddings, trained on
-  the data itself (``reward_bt.py``). Offline, the default.
+  the data itself (``reward_bt.py``). Offline, the default. ``embedding-bt:MODEL`` picks the
+  embedding model for that member (default ``--embed-model``), so members on different
+  embeddings (``embedding-bt:static``, ``embedding-bt:minilm``) can form one ensemble.
 - ``hf:NAME_OR_PATH``: a Hugging Face sequence-classification reward model (``reward_hf.py``).
 - ``judge``: the judge stage's ``judge_pref`` (P(chosen better)) as ``logit(pref)``.
 
@@ -74,7 +76,7 @@ def member_name(spec: str) -> str:
 
 def parse_member(spec: str, options: MemberOptions) -> RewardMember:
     spec = spec.strip()
-    if spec == "embedding-bt":
+    if spec == "embedding-bt" or (spec.startswith("embedding-bt:") and len(spec) > 13):
         return EmbeddingBTMember(spec, member_name(spec), options)
     if spec == "judge":
         return JudgeMember(spec, member_name(spec))
@@ -84,7 +86,7 @@ def parse_member(spec: str, options: MemberOptions) -> RewardMember:
         return HFRewardMember(spec, member_name(spec), options)
     raise ConfigError(
         f"member {spec!r}: unknown reward member",
-        "use embedding-bt, judge, or hf:NAME_OR_PATH (a sequence-classification reward model)",
+        "use embedding-bt[:EMBED_MODEL], judge, or hf:NAME_OR_PATH (a sequence-classification reward model)",
     )
 
 
@@ -131,6 +133,7 @@ class EmbeddingBTMember:
 
     def __init__(self, spec: str, name: str, options: MemberOptions) -> None:
         self.spec, self.name, self.options = spec, name, options
+        self.embed_model = spec.partition(":")[2] or options.embed_model
 
     def columns(self) -> list[str]:
         return ["prompt", "chosen", "rejected", "tie"]
@@ -140,7 +143,7 @@ class EmbeddingBTMember:
         from prefcurate.backends.reward_bt import block_from_batch, score_embedding_bt
 
         opts = self.options
-        embedder = get_embedder(opts.embed_model, opts.device, ctx.cache_dir)
+        embedder = get_embedder(self.embed_model, opts.device, ctx.cache_dir)
         cols = [c for c in self.columns() if c in source.columns]
         task = ctx.progress.task("embedding-bt: embedding", total=None, unit="texts")
 

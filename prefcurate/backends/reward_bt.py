@@ -156,7 +156,8 @@ def fit_bt(
     if weights is not None:
         scale = scale / weights
     x = diff / scale
-    sign = rng.random(x.shape[0]) < 0.5
+    # Half the pairs each way (shuffled): both classes present even for tiny data.
+    sign = rng.permutation(x.shape[0]) % 2 == 0
     x = np.where(sign[:, None], x, -x)
     y = sign.astype(np.int64)
     cn = c_grid[0] if len(c_grid) == 1 else _tune_c(x, y, rng, c_grid)

@@ -17,9 +17,12 @@ logit for a two-label head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from prefcurate.backends.reward import MemberOptions, MemberScores
 from prefcurate.errors import ConfigError, InputError, MissingDependency, StageFailed
@@ -27,6 +30,7 @@ from prefcurate.schema import render_transcript
 from prefcurate.stages.base import ProgressTask, StageContext, StageInput
 
 WINDOW_ROWS = 1024  # rows per bucketing window (2 texts each)
+COLUMNS = ("prompt", "chosen", "rejected")
 
 
 class HFRewardScorer:
@@ -120,46 +124,107 @@ class HFRewardScorer:
         return out
 
 
+@dataclass
+class WindowScores:
+    """One window's rewards and what the scorer noticed on it (picklable: it crosses workers)."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    truncated: int
+    template_failures: int
+    device: str
+    dtype: str
+    chat_template: bool
+
+
+class WindowScorer:
+    """Scores windows of rows; built once per worker (the model loads there, not per window).
+
+    Under the Ray engine ``functools.partial(WindowScorer, ...)`` is shipped to GPU actors, so
+    the driver never loads the model; locally it is built in process with the progress task.
+    """
+
+    def __init__(
+        self, path: str, device: str, max_length: int, batch_size: int, progress: ProgressTask | None = None
+    ) -> None:
+        self.scorer = HFRewardScorer(path, device, max_length, batch_size)
+        self.progress = progress
+
+    def __call__(self, batch: pa.RecordBatch) -> WindowScores:
+        s = self.scorer
+        truncated, failures = s.truncated, s.template_failures
+        prompts, chosen, rejected = (batch.column(c).to_pylist() for c in COLUMNS)
+        texts = [s.render(p, c) for p, c in zip(prompts, chosen, strict=True)]
+        texts += [s.render(p, r) for p, r in zip(prompts, rejected, strict=True)]
+        scores = s.rewards(texts, self.progress)
+        k = batch.num_rows
+        dtype = str(s.dtype).removeprefix("torch.")
+        return WindowScores(
+            scores[:k],
+            scores[k:],
+            s.truncated - truncated,
+            s.template_failures - failures,
+            s.device,
+            dtype,
+            s.has_template,
+        )
+
+
 class HFRewardMember:
     def __init__(self, spec: str, name: str, options: MemberOptions) -> None:
         self.spec, self.name, self.options = spec, name, options
         self.path = spec[3:]
 
     def columns(self) -> list[str]:
-        return ["prompt", "chosen", "rejected"]
+        return list(COLUMNS)
 
     def score(self, source: StageInput, ctx: StageContext) -> MemberScores:
+        """Forward passes through ``engines.map_batches``: in process locally (progress per
+        forward batch), on an actor pool under Ray (one GPU per actor when the cluster has them)."""
+        from prefcurate.engines import map_batches
+
         opts = self.options
-        scorer = HFRewardScorer(self.path, opts.device, opts.max_length, opts.batch_size)
-        if not scorer.has_template:
-            ctx.progress.note(
-                f"{self.spec}: the tokenizer has no chat template; scoring plain 'User:/Assistant:' transcripts"
-            )
         n = source.num_rows
-        rc, rr = np.full(n, np.nan), np.full(n, np.nan)
         task = ctx.progress.task(f"{self.name}: scoring", total=2 * n, unit="texts")
+        remote = getattr(ctx.engine, "map_batches", None) is not None
+        make = partial(WindowScorer, self.path, opts.device, opts.max_length, opts.batch_size, None if remote else task)
+        rc, rr = np.full(n, np.nan), np.full(n, np.nan)
+        seen: dict[str, Any] = {"device": [], "dtype": [], "chat_template": True, "truncated": 0, "failures": 0}
         start = 0
-        for batch in source.batches(columns=self.columns(), batch_rows=WINDOW_ROWS):
-            prompts, chosen, rejected = (batch.column(c).to_pylist() for c in self.columns())
-            texts = [scorer.render(p, c) for p, c in zip(prompts, chosen, strict=True)]
-            texts += [scorer.render(p, r) for p, r in zip(prompts, rejected, strict=True)]
-            scores = scorer.rewards(texts, task)
-            k = batch.num_rows
-            rc[start : start + k], rr[start : start + k] = scores[:k], scores[k:]
+        windows = map_batches(ctx, make, source, columns=COLUMNS, batch_rows=WINDOW_ROWS, uses_gpu=True)
+        for w in windows:
+            k = len(w.chosen)
+            rc[start : start + k], rr[start : start + k] = w.chosen, w.rejected
             start += k
+            if not w.chat_template and seen["chat_template"]:
+                ctx.progress.note(
+                    f"{self.spec}: the tokenizer has no chat template; scoring plain 'User:/Assistant:' transcripts"
+                )
+            seen["chat_template"] = w.chat_template
+            seen["truncated"] += w.truncated
+            seen["failures"] += w.template_failures
+            for key in ("device", "dtype"):
+                if getattr(w, key) not in seen[key]:
+                    seen[key].append(getattr(w, key))
+            if remote:
+                task.advance(2 * k)
+        return MemberScores(rc - rr, rc, rr, self._info(seen, n, ctx))
+
+    def _info(self, seen: dict[str, Any], n: int, ctx: StageContext) -> dict[str, Any]:
+        opts = self.options
         info: dict[str, Any] = {
-            "device": scorer.device,
-            "dtype": str(scorer.dtype).removeprefix("torch."),
+            "device": ",".join(seen["device"]) or opts.device,
+            "dtype": ",".join(seen["dtype"]) or None,
             "max_length": opts.max_length,
-            "chat_template": scorer.has_template,
+            "chat_template": seen["chat_template"],
             "texts": 2 * n,
-            "truncated": scorer.truncated,
+            "truncated": seen["truncated"],
         }
-        if scorer.template_failures:
-            info["template_failures"] = scorer.template_failures
-        if scorer.truncated:
+        if seen["failures"]:
+            info["template_failures"] = seen["failures"]
+        if seen["truncated"]:
             ctx.progress.note(
-                f"{self.spec}: {scorer.truncated:,} of {2 * n:,} texts were longer than --max-length "
+                f"{self.spec}: {seen['truncated']:,} of {2 * n:,} texts were longer than --max-length "
                 f"{opts.max_length} tokens and lost their start"
             )
-        return MemberScores(rc - rr, rc, rr, info)
+        return info

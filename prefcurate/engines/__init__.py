@@ -1,10 +1,12 @@
 """Engines decide where a stage's batches are processed; stages never know which one runs them.
 
 - ``local`` (the default): the stage's own ``process`` in this process, streaming batches.
-- ``ray``: row-wise stages (those that implement only ``process_batch``) are mapped over the
-  input's Parquet shards with Ray Data, on a local Ray instance or the cluster named by
-  ``RAY_ADDRESS``; global stages (clustering, cross-fitting, anything overriding
-  ``process``) run on the driver as they do locally. Either way the stage base writes the
+- ``ray``: the row-parallel part of a stage is mapped over the input's Parquet row groups with
+  Ray Data, on a local Ray instance or the cluster named by ``RAY_ADDRESS``: row-wise stages
+  whole, two-phase stages (``filter``, ``score``) after their first pass on the driver, and
+  ``hf:`` reward members' forward passes (``map_batches``, one GPU per actor when the
+  cluster has GPUs). Other global stages (``dedupe``'s clustering, ``judge``, ``export``,
+  ``ingest``) run on the driver as they do locally. Either way the stage base writes the
   shards, rejects, counts and manifest, so the output is the same.
 
 An engine is one method: ``process(stage, source, ctx) -> Iterator[BatchResult]``, called by

@@ -53,7 +53,7 @@ Normalization = Literal["case", "whitespace", "nfkc", "punctuation", "none"]
 # Cosine thresholds per model, from benchmarks/bench_dedupe.py (planted paraphrases found,
 # distinct pairs sharing a prompt kept apart). A static model's cosines run higher than a
 # transformer's for unrelated text, so one number does not fit both.
-DEFAULT_THRESHOLDS = {"static": 0.93, "minilm": 0.90}
+DEFAULT_THRESHOLDS = {"static": 0.92, "minilm": 0.86}
 FALLBACK_THRESHOLD = 0.90
 
 
@@ -129,7 +129,7 @@ class DedupeStage(Stage):
         eval_hashes: dict[bytes, int] = {}
         for i, text in enumerate(evals.texts):
             eval_hashes.setdefault(digest(norm(text)), i)
-        state = _first_pass(source, cfg, ctx, norm, eval_hashes)
+        state = _first_pass(source, cfg, ctx, eval_hashes)
         decisions, labels = exact_decisions(
             state.groups,
             state.orientation,
@@ -185,9 +185,7 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
-def _first_pass(
-    source: StageInput, cfg: DedupeConfig, ctx: StageContext, norm, eval_index: dict[bytes, int]
-) -> _State:
+def _first_pass(source: StageInput, cfg: DedupeConfig, ctx: StageContext, eval_index: dict[bytes, int]) -> _State:
     columns = ["id", "prompt", "chosen", "rejected", "tie"]
     if cfg.keep == "highest-margin":
         if "margin_mean" not in source.columns:
@@ -198,7 +196,7 @@ def _first_pass(
     keys = _Keys()
     task = ctx.progress.task("dedupe: hashing", total=source.num_rows)
     for batch in source.batches(columns, cfg.batch_size):
-        pk = pair_keys(batch, norm, unordered=cfg.swapped, with_prompts=bool(eval_index))
+        pk = pair_keys(batch, cfg.normalize, unordered=cfg.swapped, with_prompts=bool(eval_index))
         keys.ids.append(batch.column("id").cast(pa.string()))
         keys.groups.append(pk.group)
         keys.orientation.append(pk.orientation)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from prefcurate.errors import InputError
-from prefcurate.schema import render_text, render_transcript
+from prefcurate.schema import render_text
 from prefcurate.shards import is_stage_dir, iter_batches
 
 NORMALIZE_CHOICES = ("case", "whitespace", "nfkc", "punctuation", "none")
@@ -35,8 +35,8 @@ PROMPT_FIELDS = ("prompt", "input", "instruction", "question", "query", "problem
 
 
 def normalizer(options: Iterable[str]):
-    """A text -> text function applying the chosen normalizations (NFKC first, so a
-    full-width letter is case-folded and compared like its ASCII form)."""
+    """A text -> text function applying the chosen normalizations in Python (used for the
+    evaluation prompts; ``normalize_column`` is the same on Arrow columns)."""
     opts = set(options) - {"none"}
     nfkc, case, ws, punct = "nfkc" in opts, "case" in opts, "whitespace" in opts, "punctuation" in opts
 
@@ -44,7 +44,7 @@ def normalizer(options: Iterable[str]):
         if nfkc:
             text = unicodedata.normalize("NFKC", text)
         if case:
-            text = text.casefold()
+            text = text.lower()
         if punct:
             text = _PUNCT.sub("", text)
         if ws:
@@ -52,6 +52,36 @@ def normalizer(options: Iterable[str]):
         return text
 
     return norm
+
+
+def normalize_column(values: pa.Array, options: Iterable[str]) -> pa.Array:
+    """Vectorized normalization (Arrow kernels): NFKC first, so a full-width letter is then
+    lower-cased and compared like its ASCII form."""
+    opts = set(options) - {"none"}
+    if "nfkc" in opts:
+        values = pc.utf8_normalize(values, "NFKC")
+    if "case" in opts:
+        values = pc.utf8_lower(values)
+    if "punctuation" in opts:
+        values = pc.replace_substring_regex(values, r"[^\pL\pN\pM\s_]", "")
+    if "whitespace" in opts:
+        values = pc.utf8_trim_whitespace(pc.replace_substring_regex(values, r"[\s\p{Z}]+", " "))
+    return values
+
+
+def render_column(messages: pa.Array, roles: bool) -> pa.Array:
+    """``render_text`` (roles=False) or ``render_transcript`` (roles=True) of a whole
+    list<{role, content}> column, with Arrow kernels instead of a Python loop."""
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks()
+    flat = pc.list_flatten(messages)
+    content = flat.field("content").fill_null("")
+    if roles:
+        role = pc.utf8_capitalize(flat.field("role").fill_null(""))
+        content = pc.binary_join_element_wise(role, content, ": ")
+    offsets = pc.subtract(messages.offsets, messages.offsets[0])
+    lists = pa.ListArray.from_arrays(offsets, content)
+    return pc.binary_join(lists, "\n\n").fill_null("")
 
 
 def digest(*parts: str) -> bytes:
@@ -71,21 +101,21 @@ class PairKeys:
     prompt_hashes: list[list[bytes]] = field(default_factory=list)  # full prompt + each user turn
 
 
-def pair_keys(batch: pa.RecordBatch, norm, unordered: bool, with_prompts: bool) -> PairKeys:
-    prompts = batch.column("prompt").to_pylist()
-    chosen = batch.column("chosen").to_pylist()
-    rejected = batch.column("rejected").to_pylist()
-    groups = np.empty(len(prompts), _KEY)
-    orient = np.zeros(len(prompts), bool)
+def pair_keys(batch: pa.RecordBatch, options: Sequence[str], unordered: bool, with_prompts: bool) -> PairKeys:
+    prompt = normalize_column(render_column(batch.column("prompt"), roles=True), options)
+    chosen = normalize_column(render_column(batch.column("chosen"), roles=False), options)
+    rejected = normalize_column(render_column(batch.column("rejected"), roles=False), options)
+    flipped = pc.greater(chosen, rejected) if unordered else pa.array(np.zeros(batch.num_rows, bool))
+    first = pc.if_else(flipped, rejected, chosen).to_pylist()
+    second = pc.if_else(flipped, chosen, rejected).to_pylist()
+    groups = np.array(
+        [digest(p, a, b) for p, a, b in zip(prompt.to_pylist(), first, second, strict=True)], dtype=_KEY
+    ).reshape(batch.num_rows)
     prompt_hashes: list[list[bytes]] = []
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True)):
-        np_, nc, nr = norm(render_transcript(p)), norm(render_text(c)), norm(render_text(r))
-        flipped = unordered and nc > nr
-        orient[i] = flipped
-        groups[i] = digest(np_, nr, nc) if flipped else digest(np_, nc, nr)
-        if with_prompts:
-            prompt_hashes.append(prompt_digests(p, norm))
-    return PairKeys(groups, orient, prompt_hashes)
+    if with_prompts:
+        norm = normalizer(options)
+        prompt_hashes = [prompt_digests(p, norm) for p in batch.column("prompt").to_pylist()]
+    return PairKeys(groups, flipped.to_numpy(zero_copy_only=False).astype(bool), prompt_hashes)
 
 
 def prompt_digests(messages: Sequence[dict[str, str]] | None, norm) -> list[bytes]:
@@ -111,7 +141,7 @@ def row_lengths(batch: pa.RecordBatch) -> np.ndarray:
 
 def part_texts(batch: pa.RecordBatch, columns: Sequence[str]) -> list[list[str]]:
     """Texts to embed, one list per message column (content only: roles carry no signal here)."""
-    return [[render_text(m) for m in batch.column(name).to_pylist()] for name in columns]
+    return [render_column(batch.column(name), roles=False).to_pylist() for name in columns]
 
 
 @dataclass

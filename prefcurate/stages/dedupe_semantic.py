@@ -75,28 +75,39 @@ def semantic_pass(
 
 
 def _embed(source, cfg, ctx, embedder, cand: np.ndarray, parts: tuple[str, ...], with_prompt: bool):
-    """(row vectors for ``parts``, prompt vectors or None), in the order of ``cand``."""
+    """(row vectors for ``parts``, prompt vectors or None), in the order of ``cand``.
+
+    One (rows, parts x dim) matrix is filled in place (no per-part copies): at 1M rows the
+    768-d static pair vectors are 3 GB, so a second copy would matter.
+    """
     started = time.perf_counter()
     names = list(dict.fromkeys([*parts, *(["prompt"] if with_prompt else [])]))
     dim = embedder.dim
-    out = {name: np.zeros((len(cand), dim), np.float32) for name in names}
+    matrix = np.zeros((len(cand), len(names) * dim), np.float32)
     task = ctx.progress.task("dedupe: embedding", total=len(cand) * len(names), unit="texts")
-    pos = 0
-    start = 0
+    pos = start = 0
     for batch in source.batches(names, cfg.batch_size):
         stop = start + batch.num_rows
         lo, hi = np.searchsorted(cand, [start, stop])
         if hi > lo:
-            taken = batch.take(cand[lo:hi] - start)
-            texts = part_texts(taken, names)
+            texts = part_texts(batch.take(cand[lo:hi] - start), names)
             flat = embedder.encode([t for part in texts for t in part], progress=task)
-            for k, name in enumerate(names):
-                out[name][pos : pos + (hi - lo)] = flat[k * (hi - lo) : (k + 1) * (hi - lo)]
-            pos += hi - lo
+            m = hi - lo
+            for k in range(len(names)):
+                matrix[pos : pos + m, k * dim : (k + 1) * dim] = flat[k * m : (k + 1) * m]
+            pos += m
         start = stop
     ctx.extra["embedding_wall_seconds"] = round(time.perf_counter() - started, 3)
-    vectors = np.concatenate([out[p] for p in parts], axis=1) / np.sqrt(len(parts)) if parts else None
-    return vectors, out.get("prompt")
+    prompt = matrix[:, names.index("prompt") * dim :][:, :dim] if "prompt" in names else None
+    if with_prompt:  # the prompt block is not part of the row vector
+        prompt = np.ascontiguousarray(prompt)
+        matrix = matrix[:, : len(parts) * dim]
+    elif prompt is not None:
+        prompt = np.ascontiguousarray(prompt)
+    if not parts:
+        return None, prompt
+    matrix *= np.float32(1 / np.sqrt(len(parts)))
+    return matrix, prompt
 
 
 def _contamination(cfg, ctx, embedder, prompt_vecs: np.ndarray, evals: EvalSet, threshold: float):
@@ -104,7 +115,7 @@ def _contamination(cfg, ctx, embedder, prompt_vecs: np.ndarray, evals: EvalSet, 
 
     cthreshold = cfg.contamination_threshold or threshold
     eval_vecs = embedder.encode(evals.texts)
-    sims, match, info = nearest(eval_vecs, prompt_vecs, cfg.device, "flat")
+    sims, match, info = nearest(eval_vecs, prompt_vecs, cfg.device, "auto", threshold=cthreshold)
     hit = (sims >= cthreshold) & (match >= 0)
     ctx.extra["contamination"] = {"eval_prompts": len(evals.texts), "threshold": cthreshold, "index": info.describe()}
     return hit, sims, match

@@ -17,7 +17,9 @@ Thresholds are strings with one convention: a number (``"-1.5"``) is absolute; `
 (``"q0.1"``) is the F-quantile, over the whole input, of the quantity the rule compares
 (``margin_mean`` for flip, ``|margin_mean|`` and ``margin_std`` for ambiguity). Every
 decision is made in a first pass over only the columns the chosen rules need, so quantiles
-and the top-k cut are global; the second pass streams whole batches and applies them.
+and the top-k cut are global; the second pass streams whole batches and applies them. The
+two passes are ``plan`` and ``apply_batch`` (by row offset), so under ``--engine ray`` the
+first runs on the driver and the second on Ray workers; ``process`` composes them locally.
 Rows whose strength is null (no member scored them) are never flipped or dropped as
 ambiguous, and rank last for ``keep_top``.
 
@@ -40,9 +42,9 @@ from pydantic import Field, field_validator, model_validator
 
 from prefcurate.errors import InputError
 from prefcurate.schema import render_text
-from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, split
+from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, as_table, split
 from prefcurate.stages.filter_flip import adaptive_margin, as_float, flip_rows, set_column
-from prefcurate.stages.score import whole_tables
+from prefcurate.stages.score import apply_plan
 
 _THRESHOLD = re.compile(r"^\s*(q)?\s*([-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)\s*$", re.IGNORECASE)
 # Reasons by rule, in the order rules are applied; index 0 means kept.
@@ -174,15 +176,7 @@ class FilterStage(Stage):
 
     def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
         assert source is not None
-        cfg: FilterConfig = self.config  # type: ignore[assignment]
-        missing = sorted(cfg.requires() - set(source.columns))
-        if missing:
-            raise InputError(
-                f"{source.dir}: filter needs column(s) {', '.join(missing)} for the rules chosen",
-                "run `prefcurate score` (margins) or `prefcurate judge` (judge_consistent) first",
-            )
-        plan = self._plan(source, ctx)
-        yield from self._apply(source, plan, ctx)
+        yield from apply_plan(self, source, self.plan(source, ctx), ctx, "filter")
 
     # -- pass 1: every decision, from only the columns the rules need ---------------------
     def _read_columns(self, source: StageInput) -> dict[str, np.ndarray]:
@@ -204,8 +198,16 @@ class FilterStage(Stage):
             out["length_ratio"] = np.concatenate(ratios) if ratios else np.zeros(0)
         return out
 
-    def _plan(self, source: StageInput, ctx: StageContext) -> dict[str, Any]:
+    def plan(self, source: StageInput, ctx: StageContext) -> dict[str, np.ndarray]:
+        """Pass 1 (on the driver under any engine): per-row flip and removal decisions, from only
+        the columns the rules need, so quantiles and the top-k cut are global. Two bytes a row."""
         cfg: FilterConfig = self.config  # type: ignore[assignment]
+        missing = sorted(cfg.requires() - set(source.columns))
+        if missing:
+            raise InputError(
+                f"{source.dir}: filter needs column(s) {', '.join(missing)} for the rules chosen",
+                "run `prefcurate score` (margins) or `prefcurate judge` (judge_consistent) first",
+            )
         n = source.num_rows
         cols = self._read_columns(source)
         strength = cols.get("margin_mean", np.full(n, np.nan))
@@ -235,20 +237,9 @@ class FilterStage(Stage):
         after = np.where(flip, -strength, strength)
         if cfg.keep_top:
             mark(_TOP, self._below_top(after, reason == 0, thresholds))
-        rules = {"flip": int(flip.sum())}
-        for rule, enabled in (
-            (_TIE, cfg.drop_ties),
-            (_JUDGE, cfg.drop_judge_inconsistent),
-            (_LENGTH, cfg.length_ratio),
-            (_AMBIGUOUS, cfg.drop_ambiguous),
-            (_TOP, cfg.keep_top),
-        ):
-            if enabled:
-                rules[_REASONS[rule]] = int((reason == rule).sum())
-        if not cfg.flip:
-            rules.pop("flip")
+        rules = _rule_counts(cfg, flip, reason)
         ctx.extra["rules"] = rules
-        ctx.extra["thresholds"] = {k: round(v, 6) for k, v in thresholds.items()}
+        ctx.extra["thresholds"] = {k: round(v, 6) for k, v in thresholds.items() if np.isfinite(v)}
         if "margin_mean" in cols:
             ctx.extra["strength_before"] = _summary(strength)
             ctx.extra["strength_after"] = _summary(after[reason == 0])
@@ -283,20 +274,29 @@ class FilterStage(Stage):
         return below
 
     # -- pass 2: apply the plan to whole batches -----------------------------------------
-    def _apply(self, source: StageInput, plan: dict[str, Any], ctx: StageContext) -> Iterator[BatchResult]:
-        task = ctx.progress.task("filter", total=source.num_rows)
-        offset = 0
-        for table in whole_tables(source):
-            n = table.num_rows
-            flip = plan["flip"][offset : offset + n]
-            reason = plan["reason"][offset : offset + n]
-            offset += n
-            table = flip_rows(table, flip)
-            if "margin_mean" in table.column_names:
-                table = set_column(table, "adaptive_margin", adaptive_margin(table, self.config.adaptive_margin_scale))  # type: ignore[attr-defined]
-            reasons = np.array(_REASONS, dtype=object)[reason]
-            task.advance(n)
-            yield split(table, reason == 0, reasons)
+    def apply_batch(
+        self, batch: pa.RecordBatch | pa.Table, plan: dict[str, np.ndarray], offset: int, ctx: StageContext
+    ) -> BatchResult:
+        """Flip and split one batch whose first row is input row ``offset`` (any worker can)."""
+        table = as_table(batch)
+        n = table.num_rows
+        flip = plan["flip"][offset : offset + n]
+        reason = plan["reason"][offset : offset + n]
+        table = flip_rows(table, flip)
+        if "margin_mean" in table.column_names:
+            table = set_column(table, "adaptive_margin", adaptive_margin(table, self.config.adaptive_margin_scale))  # type: ignore[attr-defined]
+        reasons = np.array(_REASONS, dtype=object)[reason]
+        return split(table, reason == 0, reasons)
+
+
+def _rule_counts(cfg: FilterConfig, flip: np.ndarray, reason: np.ndarray) -> dict[str, int]:
+    """Rows each enabled rule touched (flipped, or removed: a row counts for the first rule that removed it)."""
+    rules = {"flip": int(flip.sum())} if cfg.flip else {}
+    enabled = (cfg.drop_ties, cfg.drop_judge_inconsistent, cfg.length_ratio, cfg.drop_ambiguous, cfg.keep_top)
+    for rule, on in zip((_TIE, _JUDGE, _LENGTH, _AMBIGUOUS, _TOP), enabled, strict=True):
+        if on:
+            rules[_REASONS[rule]] = int((reason == rule).sum())
+    return rules
 
 
 def _length_ratio(batch: pa.RecordBatch) -> np.ndarray:

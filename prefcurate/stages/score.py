@@ -3,7 +3,8 @@
 A global stage. Pass 1: each member reads only the columns it needs and returns one
 margin per row (positive = chosen preferred), held in memory as float arrays (8 bytes a
 row a column). The margins are standardized and combined (``backends.reward``). Pass 2
-streams whole batches and appends, per member, ``margin__<member>`` (standardized: unit
+(``apply_batch``, by row offset: on Ray workers under ``--engine ray``) streams whole
+batches and appends, per member, ``margin__<member>`` (standardized: unit
 RMS, sign kept) and ``reward_chosen__<member>`` / ``reward_rejected__<member>`` (raw, for
 members that score responses), then ``margin_mean``, ``margin_std``, ``margin_agree``
 and ``margin_worst``. Each member's raw scale, and what it did, go to the manifest.
@@ -19,7 +20,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from prefcurate.backends.reward import MemberOptions, combine_margins, member_name, parse_members
-from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput
+from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, as_table
 
 AGGREGATES = ("margin_mean", "margin_std", "margin_agree", "margin_worst")
 
@@ -88,6 +89,11 @@ class ScoreStage(Stage):
 
     def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
         assert source is not None
+        yield from apply_plan(self, source, self.plan(source, ctx), ctx, "score: writing")
+
+    def plan(self, source: StageInput, ctx: StageContext) -> dict[str, np.ndarray]:
+        """Pass 1, on the driver under any engine (cross-fitting and standardization are global;
+        an ``hf:`` member sends its forward passes to the engine): the new columns, by row."""
         cfg: ScoreConfig = self.config  # type: ignore[assignment]
         members = parse_members(cfg.member, cfg.member_options())
         raw: dict[str, np.ndarray] = {}
@@ -110,21 +116,31 @@ class ScoreStage(Stage):
             if name in rewards:
                 columns[f"reward_chosen__{name}"], columns[f"reward_rejected__{name}"] = rewards[name]
         columns.update(aggregates)
-        yield from _append(source, columns, ctx)
+        return columns
+
+    def apply_batch(
+        self, batch: pa.RecordBatch | pa.Table, plan: dict[str, np.ndarray], offset: int, ctx: StageContext
+    ) -> BatchResult:
+        """Pass 2 on one batch whose first row is input row ``offset``: the new columns appended
+        (replacing same-named ones from a rerun)."""
+        table = as_table(batch)
+        n = table.num_rows
+        table = table.drop_columns([c for c in table.column_names if _stale(c, plan)])
+        for name, values in plan.items():
+            table = table.append_column(name, pa.array(values[offset : offset + n], pa.float64(), from_pandas=True))
+        return BatchResult(table)
 
 
-def _append(source: StageInput, columns: dict[str, np.ndarray], ctx: StageContext) -> Iterator[BatchResult]:
-    """Pass 2: whole batches with the new columns (replacing same-named ones from a rerun)."""
-    task = ctx.progress.task("score: writing", total=source.num_rows)
+def apply_plan(stage: Any, source: StageInput, plan: Any, ctx: StageContext, label: str) -> Iterator[BatchResult]:
+    """A two-phase stage's second pass in this process: ``apply_batch`` over whole batches by
+    row offset (the Ray engine maps the same ``apply_batch`` over row groups instead)."""
+    task = ctx.progress.task(label, total=source.num_rows)
     offset = 0
     for table in whole_tables(source):
-        n = table.num_rows
-        table = table.drop_columns([c for c in table.column_names if _stale(c, columns)])
-        for name, values in columns.items():
-            table = table.append_column(name, pa.array(values[offset : offset + n], pa.float64(), from_pandas=True))
-        offset += n
-        task.advance(n)
-        yield BatchResult(table)
+        result = stage.apply_batch(table, plan, offset, ctx)
+        offset += table.num_rows
+        task.advance(table.num_rows)
+        yield result
 
 
 def whole_tables(source: StageInput) -> Iterator[pa.Table]:
