@@ -109,8 +109,18 @@ def write_stage(path: Path, rows: list[dict]) -> Path:
     records = []
     for i, r in enumerate(rows):
         p, c, j = user(r["prompt"]), assistant(r["chosen"]), assistant(r["rejected"])
-        records.append({"id": f"r{i}-{pair_id(p, c, j)[:8]}", "prompt": p, "chosen": c, "rejected": j,
-                        "source": "bench", "tie": False, "chosen_rating": None, "rejected_rating": None})
+        records.append(
+            {
+                "id": f"r{i}-{pair_id(p, c, j)[:8]}",
+                "prompt": p,
+                "chosen": c,
+                "rejected": j,
+                "source": "bench",
+                "tie": False,
+                "chosen_rating": None,
+                "rejected_rating": None,
+            }
+        )
     shutil.rmtree(path, ignore_errors=True)
     out = StageOutput(path)
     for start in range(0, len(records), 50_000):
@@ -121,7 +131,8 @@ def write_stage(path: Path, rows: list[dict]) -> Path:
 
 
 def score(out_dir: Path, group: np.ndarray, kinds: list[str]) -> dict[str, float]:
-    """Recall of planted paraphrases (removed, pointing into their own group) and precision of near-duplicate removals."""
+    """Recall of planted paraphrases (removed, pointing into their own group) and precision
+    of near-duplicate removals."""
     rej = pq.read_table(out_dir / "rejects").select(["id", "duplicate_of", "reject_reason"]).to_pylist()
     index = {}
     for t in pq.read_table(out_dir / "data", columns=["id"]).column("id").to_pylist() + [r["id"] for r in rej]:
@@ -146,10 +157,10 @@ def score(out_dir: Path, group: np.ndarray, kinds: list[str]) -> dict[str, float
 
 
 def run_stage(stage_in: Path, out: Path, cache: Path, **options) -> tuple[float, dict]:
+    import os
+
     from prefcurate.stages.base import StageContext  # noqa: F401  (imported for side effects of registry)
     from prefcurate.stages.dedupe import DedupeConfig, DedupeStage
-
-    import os
 
     os.environ["PREFCURATE_CACHE_DIR"] = str(cache)
     started = time.perf_counter()
@@ -185,14 +196,27 @@ def bench_size(n: int, model: str, work: Path, device: str = "auto") -> None:
     quality = score(work / f"out-{n}", group, kinds)
     rerun, extra2 = run_stage(stage_in, work / f"out-{n}-b", cache, model=model, device=device, threshold=0.97)
     enc, n_texts = encode_only(model, stage_in, cache, device)
-    print(json.dumps({
-        "rows": n, "model": extra.get("model"), "device": extra.get("embed_device"), "index": extra.get("index_detail"),
-        "texts_encoded": extra["texts"]["encoded"], "texts_per_s": round(extra["texts"]["encoded"] / extra["encode_seconds"], 1),
-        "dedupe_total_s": round(total, 2), "encode_only_s": round(enc, 2), "encode_only_texts": n_texts,
-        "ratio_total_to_encode": round(total / enc, 3), "search_s": extra.get("search_seconds"),
-        "rerun_threshold_change_s": round(rerun, 2), "rerun_texts_encoded": extra2["texts"]["encoded"],
-        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in quality.items()},
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "rows": n,
+                "model": extra.get("model"),
+                "device": extra.get("embed_device"),
+                "index": extra.get("index_detail"),
+                "texts_encoded": extra["texts"]["encoded"],
+                "texts_per_s": round(extra["texts"]["encoded"] / extra["encode_seconds"], 1),
+                "dedupe_total_s": round(total, 2),
+                "encode_only_s": round(enc, 2),
+                "encode_only_texts": n_texts,
+                "ratio_total_to_encode": round(total / enc, 3),
+                "search_s": extra.get("search_seconds"),
+                "rerun_threshold_change_s": round(rerun, 2),
+                "rerun_texts_encoded": extra2["texts"]["encoded"],
+                **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in quality.items()},
+            }
+        ),
+        flush=True,
+    )
 
 
 def _share_models(work: Path, cache: Path) -> None:
@@ -232,9 +256,19 @@ def calibrate(n: int, work: Path) -> None:
             keep, leader = cluster_decisions(comp, np.zeros(len(keep_rows)))
             gone = np.flatnonzero(~keep)
             right = int((g[gone] == g[leader[gone]]).sum())
-            print(json.dumps({"model": emb.name, "rows": len(keep_rows), "threshold": t,
-                              "recall": round(right / max(1, planted), 4),
-                              "precision": round(right / max(1, len(gone)), 4), "removed": len(gone)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "model": emb.name,
+                        "rows": len(keep_rows),
+                        "threshold": t,
+                        "recall": round(right / max(1, planted), 4),
+                        "precision": round(right / max(1, len(gone)), 4),
+                        "removed": len(gone),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def index_sweep(work: Path, sizes: list[int]) -> None:
@@ -257,8 +291,19 @@ def index_sweep(work: Path, sizes: list[int]) -> None:
             i, j, _, info = similar_pairs(vecs, 0.92, 16, "cpu", kind)
             edges[kind] = set(zip(i.tolist(), j.tolist(), strict=True))
             rec = len(edges[kind] & edges["flat"]) / max(1, len(edges["flat"])) if "flat" in edges else None
-            print(json.dumps({"rows": n, "dim": vecs.shape[1], "index": kind, "seconds": round(time.perf_counter() - t, 2),
-                              "edges": len(edges[kind]), "recall_vs_flat": rec and round(rec, 4)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "rows": n,
+                        "dim": vecs.shape[1],
+                        "index": kind,
+                        "seconds": round(time.perf_counter() - t, 2),
+                        "edges": len(edges[kind]),
+                        "recall_vs_flat": rec and round(rec, 4),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def gpu_bench(n: int, work: Path) -> None:

@@ -43,7 +43,14 @@ def _planted() -> list[dict]:
     para = {key: _paraphrase(rows[3][key]) for key in ("prompt", "chosen", "rejected")}
     rows.append({"id": "para-of-3", **para})
     # Same prompt as row 4, other answers: a distinct pair that must survive --on pair.
-    rows.append({"id": "other-answers-4", "prompt": rows[4]["prompt"], "chosen": rows[5]["chosen"], "rejected": rows[6]["rejected"]})
+    rows.append(
+        {
+            "id": "other-answers-4",
+            "prompt": rows[4]["prompt"],
+            "chosen": rows[5]["chosen"],
+            "rejected": rows[6]["rejected"],
+        }
+    )
     return rows
 
 
@@ -53,7 +60,11 @@ def _run(tmp_path: Path, rows: list[dict], name: str = "out", **options) -> tupl
         make_stage_dir(src, rows)
     manifest, _ = DedupeStage(DedupeConfig(**options)).run(src, tmp_path / name, fresh=True)
     kept = read_table(tmp_path / name, ["id"]).column("id").to_pylist()
-    rejects = {r["id"]: r for r in read_table(tmp_path / name, subdir="rejects").to_pylist()} if manifest.rows_rejected else {}
+    rejects = (
+        {r["id"]: r for r in read_table(tmp_path / name, subdir="rejects").to_pylist()}
+        if manifest.rows_rejected
+        else {}
+    )
     assert manifest.rows_in == len(rows) == len(kept) + len(rejects)
     return manifest, {k: True for k in kept}, rejects
 
@@ -69,7 +80,10 @@ def test_planted_duplicates_are_found_with_their_reasons(tmp_path):
     assert "other-answers-4" in kept and "row4" in kept
     assert rejects["para-of-3"]["similarity"] >= manifest.extra["threshold"]
     assert manifest.reject_reasons == {
-        "exact-duplicate": 1, "swapped-duplicate": 1, "conflicting-duplicate": 1, "near-duplicate": 1,
+        "exact-duplicate": 1,
+        "swapped-duplicate": 1,
+        "conflicting-duplicate": 1,
+        "near-duplicate": 1,
     }
     extra = manifest.extra
     assert extra["counts"]["near-duplicate"] == 1 and extra["exact_group_sizes"] == {"1": 39, "2": 3}
@@ -95,19 +109,17 @@ def test_drop_conflicts_removes_both_sides(tmp_path):
     assert rejects["row1"]["duplicate_of"] == "swap-of-1"
 
 
-def _copies(margins=(0.1, 0.9, 0.5)) -> list[dict]:
+def _copies() -> list[dict]:
+    """Row 0 and three copies differing only in trailing spaces (exact under normalization):
+    copy2 is the longest, copy1 has the highest margin."""
     base = _pairs(6)
-    rows = [dict(r) for r in base]
-    for k, m in enumerate(margins):
-        rows.append({**base[0], "id": f"copy{k}", "prompt": base[0]["prompt"] + " " * (k + 1)})
-    for r in rows:
-        r["margin_mean"] = {"copy0": 0.1, "copy1": 0.9, "copy2": 0.5}.get(r["id"], 0.0)
+    rows = [{**r, "margin_mean": 0.0} for r in base]
+    for k, margin in enumerate((0.1, 0.9, 0.5)):
+        rows.append({**base[0], "id": f"copy{k}", "prompt": base[0]["prompt"] + " " * (k + 1), "margin_mean": margin})
     return rows
 
 
-@pytest.mark.parametrize(
-    ("policy", "winner"), [("first", "row0"), ("longest", "copy2"), ("highest-margin", "copy1")]
-)
+@pytest.mark.parametrize(("policy", "winner"), [("first", "row0"), ("longest", "copy2"), ("highest-margin", "copy1")])
 def test_keep_policies(tmp_path, policy, winner):
     _, kept, rejects = _run(tmp_path, _copies(), semantic=False, keep=policy)
     group = {"row0", "copy0", "copy1", "copy2"}
@@ -121,7 +133,12 @@ def test_keep_random_is_seeded_and_ignores_row_order(tmp_path):
     _, kept_b, _ = _run(tmp_path, rows[::-1], "b", semantic=False, keep="random", seed=7)
     assert set(kept_a) == set(kept_b)
     winners = {
-        next(iter({"row0", "copy0", "copy1", "copy2"} & set(_run(tmp_path, rows, f"s{s}", semantic=False, keep="random", seed=s)[1])))
+        next(
+            iter(
+                {"row0", "copy0", "copy1", "copy2"}
+                & set(_run(tmp_path, rows, f"s{s}", semantic=False, keep="random", seed=s)[1])
+            )
+        )
         for s in range(8)
     }
     assert len(winners) > 1  # the seed matters
@@ -149,7 +166,14 @@ def test_on_prompt_keeps_per_prompt_pairs_per_cluster(tmp_path):
 
 def test_on_response_matches_answers_across_prompts(tmp_path):
     rows = _pairs(10)
-    rows.append({"id": "same-answers", "prompt": rows[8]["prompt"], "chosen": rows[0]["chosen"], "rejected": rows[0]["rejected"]})
+    rows.append(
+        {
+            "id": "same-answers",
+            "prompt": rows[8]["prompt"],
+            "chosen": rows[0]["chosen"],
+            "rejected": rows[0]["rejected"],
+        }
+    )
     _, _, rejects = _run(tmp_path, rows, "pair")
     assert "same-answers" not in rejects
     _, _, rejects = _run(tmp_path, rows, "resp", on="response")
@@ -159,7 +183,11 @@ def test_on_response_matches_answers_across_prompts(tmp_path):
 def test_decontamination_against_jsonl_txt_and_stage_dir(tmp_path):
     rows = _pairs(30)
     rows.append({**rows[7], "id": "dup-of-7"})
-    evals = [{"prompt": rows[7]["prompt"].upper()}, {"prompt": _paraphrase(rows[8]["prompt"]) + " Thanks!"}, {"prompt": "What is 17 * 23?"}]
+    evals = [
+        {"prompt": rows[7]["prompt"].upper()},
+        {"prompt": _paraphrase(rows[8]["prompt"]) + " Thanks!"},
+        {"prompt": "What is 17 * 23?"},
+    ]
     jsonl = write_jsonl(tmp_path / "eval.jsonl", evals)
     manifest, kept, rejects = _run(tmp_path, rows, "j", against=[jsonl])
     assert {k for k, v in rejects.items() if v["reject_reason"] == "contaminated"} == {"row7", "dup-of-7", "row8"}
@@ -170,7 +198,9 @@ def test_decontamination_against_jsonl_txt_and_stage_dir(tmp_path):
     txt.write_text(rows[9]["prompt"].replace("\n", " ") + "\n")
     _, _, rejects = _run(tmp_path, rows, "t", against=[txt], semantic=False)
     assert [k for k, v in rejects.items() if v["reject_reason"] == "contaminated"] == ["row9"]
-    evaldir = make_stage_dir(tmp_path / "evalset", [{"id": "e1", "prompt": rows[10]["prompt"], "chosen": "a", "rejected": "b"}])
+    evaldir = make_stage_dir(
+        tmp_path / "evalset", [{"id": "e1", "prompt": rows[10]["prompt"], "chosen": "a", "rejected": "b"}]
+    )
     _, _, rejects = _run(tmp_path, rows, "d", against=[evaldir], semantic=False)
     assert rejects["row10"]["duplicate_of"] == "e1"
 
@@ -191,7 +221,10 @@ def test_real_hh_rows_with_planted_copies(tmp_path):
         head, _, c = r["chosen"].rpartition("\n\nAssistant:")
         _, _, j = r["rejected"].rpartition("\n\nAssistant:")
         rows.append({"id": f"hh{k}", "prompt": head.strip(), "chosen": c.strip(), "rejected": j.strip()})
-    copies = [{"id": f"copy{k}", **{f: _paraphrase(rows[k][f]) for f in ("prompt", "chosen", "rejected")}} for k in (3, 17, 42)]
+    copies = [
+        {"id": f"copy{k}", **{f: _paraphrase(rows[k][f]) for f in ("prompt", "chosen", "rejected")}}
+        for k in (3, 17, 42)
+    ]
     _, kept, rejects = _run(tmp_path, rows + copies, semantic=True, exact=True)
     planted = {f"copy{k}": f"hh{k}" for k in (3, 17, 42)}
     assert {k: rejects[k]["duplicate_of"] for k in planted if k in rejects} == planted
@@ -221,7 +254,11 @@ _POOL = [r["input"] for r in llmbar_rows("natural")[:3]] if True else []
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    picks=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 3), st.booleans(), st.booleans()), min_size=1, max_size=14),
+    picks=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 3), st.booleans(), st.booleans()),
+        min_size=1,
+        max_size=14,
+    ),
     seed=st.integers(0, 1000),
 )
 def test_exact_and_swapped_are_idempotent_and_order_insensitive(picks, seed):
@@ -240,7 +277,8 @@ def test_exact_and_swapped_are_idempotent_and_order_insensitive(picks, seed):
         def content(kept: dict) -> list:
             by_id = {r["id"]: r for r in rows}
             return sorted(
-                json.dumps([by_id[i]["prompt"].lower(), sorted([by_id[i]["chosen"], by_id[i]["rejected"]])]) for i in kept
+                json.dumps([by_id[i]["prompt"].lower(), sorted([by_id[i]["chosen"], by_id[i]["rejected"]])])
+                for i in kept
             )
 
         assert content(kept_a) == content(kept_b)
@@ -263,7 +301,16 @@ def test_cli_dedupe(tmp_path, cli):
 def test_cli_help_lists_the_options(cli):
     result = cli("dedupe", "--help")
     assert result.exit_code == 0
-    for option in ("--threshold", "--keep", "--on", "--per-prompt", "--against", "--no-semantic", "--device", "--model"):
+    for option in (
+        "--threshold",
+        "--keep",
+        "--on",
+        "--per-prompt",
+        "--against",
+        "--no-semantic",
+        "--device",
+        "--model",
+    ):
         assert option in result.stdout
 
 

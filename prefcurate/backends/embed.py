@@ -252,7 +252,9 @@ def get_embedder(model: str = "auto", device: str = "auto", cache_dir: Path | No
         name = f"static-minilm-l6-v2-pca{STATIC_PCA_DIMS}-v{STATIC_VERSION}"
         return StaticEmbedder(static_model_path(root / "models", name), name, root)
     if model == "minilm":
-        return TransformerEmbedder(_load_sentence_transformer(str(minilm_path()), resolved), MINILM_NAME, resolved, root)
+        return TransformerEmbedder(
+            _load_sentence_transformer(str(minilm_path()), resolved), MINILM_NAME, resolved, root
+        )
     return TransformerEmbedder(_load_sentence_transformer(model, resolved), model, resolved, root)
 
 

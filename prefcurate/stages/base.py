@@ -310,3 +310,44 @@ class Stage:
         head = [c for c in rejected.column_names if c not in tail]
         return rejected.select(head + tail)
 
+
+class TwoPhaseStage(Stage):
+    """A global stage in two passes, so an engine can spread the second one.
+
+    ``plan(source, ctx)`` makes every global decision in a first pass over only the columns it
+    needs (quantiles, cross-fitted margins); ``apply_batch(batch, plan, offset, ctx)`` applies
+    it to the rows starting at global row ``offset``. Locally ``process`` is simply the two in
+    sequence; the Ray engine runs ``plan`` on the driver and maps ``apply_batch`` over row groups.
+    """
+
+    apply_label: ClassVar[str | None] = None
+    """Progress label of the second pass (default: the stage name)."""
+
+    def plan(self, source: StageInput, ctx: StageContext) -> Any:
+        raise NotImplementedError
+
+    def apply_batch(self, batch: pa.Table, plan: Any, offset: int, ctx: StageContext) -> BatchResult:
+        raise NotImplementedError
+
+    def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
+        assert source is not None, f"{self.name} needs an input directory"
+        plan = self.plan(source, ctx)
+        task = ctx.progress.task(self.apply_label or self.name, total=source.num_rows)
+        offset = 0
+        for table in whole_tables(source):
+            result = self.apply_batch(table, plan, offset, ctx)
+            offset += table.num_rows
+            task.advance(table.num_rows)
+            yield result
+
+
+def whole_tables(source: StageInput) -> Iterator[pa.Table]:
+    """The input's batches as tables; an empty input gives one empty table, so the output
+    still gets the new columns in its schema."""
+    seen = False
+    for batch in source.batches():
+        seen = True
+        yield pa.Table.from_batches([batch])
+    if not seen and source.schema is not None:
+        yield source.schema.empty_table()
+

@@ -34,20 +34,18 @@ from prefcurate.stages.dedupe_groups import (
     NEAR,
     REASONS,
     Decisions,
-    cluster_decisions,
     exact_decisions,
     priorities,
     size_histogram,
 )
-from prefcurate.stages.dedupe_semantic import semantic_pass
 from prefcurate.stages.dedupe_keys import (
     digest,
     load_eval_set,
     normalizer,
     pair_keys,
-    part_texts,
     row_lengths,
 )
+from prefcurate.stages.dedupe_semantic import semantic_pass
 
 Normalization = Literal["case", "whitespace", "nfkc", "punctuation", "none"]
 # Cosine thresholds per model, from benchmarks/bench_dedupe.py (planted paraphrases found,
@@ -61,7 +59,9 @@ class DedupeConfig(StageConfig):
     """Remove exact, swapped and near-duplicate pairs, and pairs whose prompt is in an evaluation set."""
 
     exact: bool = Field(True, description="Remove exact duplicates (same normalized prompt, chosen and rejected).")
-    swapped: bool = Field(True, description="Remove swapped duplicates: same prompt, responses exchanged (a label conflict).")
+    swapped: bool = Field(
+        True, description="Remove swapped duplicates: same prompt, responses exchanged (a label conflict)."
+    )
     normalize: list[Normalization] = Field(
         default_factory=lambda: ["case", "whitespace", "nfkc"],
         description="Normalizations before exact hashing (repeatable; 'none' for raw text).",
@@ -75,13 +75,18 @@ class DedupeConfig(StageConfig):
     )
     per_prompt: int = Field(1, ge=1, description="With --on prompt: pairs kept per cluster of near-identical prompts.")
     threshold: float | None = Field(
-        None, gt=0, le=1, description="Cosine similarity at or above which rows are near-duplicates (default: per model)."
+        None,
+        gt=0,
+        le=1,
+        description="Cosine similarity at or above which rows are near-duplicates (default: per model).",
     )
     keep: Literal["first", "longest", "highest-margin", "random"] = Field(
         "first", description="Which row of a duplicate group or cluster to keep."
     )
     seed: int = Field(0, description="Seed for --keep random.")
-    model: str = Field("auto", description="Embedding model: auto, static, minilm, or a sentence-transformers name/path.")
+    model: str = Field(
+        "auto", description="Embedding model: auto, static, minilm, or a sentence-transformers name/path."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to embed and search.")
     index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
         "auto", description="FAISS index: exact flat search, or approximate IVF/HNSW (auto picks by size)."
@@ -89,7 +94,7 @@ class DedupeConfig(StageConfig):
     neighbors: int = Field(16, ge=1, le=1024, description="Nearest neighbours searched per row.")
     against: list[Path] = Field(
         default_factory=list,
-        description="Evaluation set(s) to decontaminate against: a stage dir, .txt (a prompt a line), JSON/JSONL, Parquet.",
+        description="Evaluation set(s) to decontaminate against: stage dir, .txt (a prompt a line), JSON(L), Parquet.",
     )
     contamination_threshold: float | None = Field(
         None, gt=0, le=1, description="Prompt cosine for contamination (default: --threshold)."
@@ -190,7 +195,8 @@ def _first_pass(source: StageInput, cfg: DedupeConfig, ctx: StageContext, eval_i
     if cfg.keep == "highest-margin":
         if "margin_mean" not in source.columns:
             raise ConfigError(
-                "--keep highest-margin needs a margin_mean column", "run `prefcurate score` first, or pick another --keep"
+                "--keep highest-margin needs a margin_mean column",
+                "run `prefcurate score` first, or pick another --keep",
             )
         columns.append("margin_mean")
     keys = _Keys()

@@ -128,9 +128,7 @@ def _drop_conflicting_leaders(decisions: Decisions, labels: np.ndarray, leader: 
     decisions.dup_of[leaders] = firsts
 
 
-def cluster_decisions(
-    labels: np.ndarray, prio: np.ndarray, per_cluster: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
+def cluster_decisions(labels: np.ndarray, prio: np.ndarray, per_cluster: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Within clusters (component labels): keep the best ``per_cluster`` rows; returns
     (keep mask, the cluster's best row for each row)."""
     rank, leader = ranked(labels, prio)

@@ -163,7 +163,8 @@ def load_eval_set(paths: Sequence[Path]) -> EvalSet:
     if paths and not texts:
         raise InputError(
             f"--against {', '.join(map(str, paths))}: no prompts found",
-            f"give a stage directory, a .txt file (one prompt a line) or JSON/JSONL with one of: {', '.join(PROMPT_FIELDS)}",
+            "give a stage directory, a .txt file (one prompt a line) or JSON/JSONL with one of: "
+            + ", ".join(PROMPT_FIELDS),
         )
     return EvalSet(refs, texts)
 
@@ -173,7 +174,9 @@ def _read_eval(path: Path) -> Iterable[tuple[str, str]]:
         raise InputError(f"--against {path}: no such file or directory")
     if path.is_dir():
         if not is_stage_dir(path):
-            raise InputError(f"--against {path}: a directory but not a stage directory", "run `prefcurate ingest` on it first")
+            raise InputError(
+                f"--against {path}: a directory but not a stage directory", "run `prefcurate ingest` on it first"
+            )
         for batch in iter_batches(path, ["id", "prompt"]):
             for rid, prompt in zip(batch.column("id").to_pylist(), batch.column("prompt").to_pylist(), strict=True):
                 yield str(rid), render_text(prompt)
@@ -201,7 +204,9 @@ def _read_eval(path: Path) -> Iterable[tuple[str, str]]:
         for i, value in enumerate(table.column(column).to_pylist(), 1):
             yield f"{path.name}:{i}", _as_text(value)
     else:
-        raise InputError(f"--against {path}: unknown file type", "use .txt, .json, .jsonl or .parquet, or a stage directory")
+        raise InputError(
+            f"--against {path}: unknown file type", "use .txt, .json, .jsonl or .parquet, or a stage directory"
+        )
 
 
 def _open_text(path: Path):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -42,9 +41,8 @@ from pydantic import Field, field_validator, model_validator
 
 from prefcurate.errors import InputError
 from prefcurate.schema import render_text
-from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, as_table, split
+from prefcurate.stages.base import BatchResult, StageConfig, StageContext, StageInput, TwoPhaseStage, as_table, split
 from prefcurate.stages.filter_flip import adaptive_margin, as_float, flip_rows, set_column
-from prefcurate.stages.score import apply_plan
 
 _THRESHOLD = re.compile(r"^\s*(q)?\s*([-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)\s*$", re.IGNORECASE)
 # Reasons by rule, in the order rules are applied; index 0 means kept.
@@ -168,15 +166,11 @@ class FilterConfig(StageConfig):
         return self.model_dump(mode="json", exclude={"report"})
 
 
-class FilterStage(Stage):
+class FilterStage(TwoPhaseStage):
     """Flip mislabeled pairs and drop ties, judge-inconsistent, length-biased, ambiguous or weak pairs."""
 
     name = "filter"
     config_cls = FilterConfig
-
-    def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
-        assert source is not None
-        yield from apply_plan(self, source, self.plan(source, ctx), ctx, "filter")
 
     # -- pass 1: every decision, from only the columns the rules need ---------------------
     def _read_columns(self, source: StageInput) -> dict[str, np.ndarray]:

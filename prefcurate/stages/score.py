@@ -12,7 +12,6 @@ and ``margin_worst``. Each member's raw scale, and what it did, go to the manife
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from prefcurate.backends.reward import MemberOptions, combine_margins, member_name, parse_members
-from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, as_table
+from prefcurate.stages.base import BatchResult, StageConfig, StageContext, StageInput, TwoPhaseStage, as_table
 
 AGGREGATES = ("margin_mean", "margin_std", "margin_agree", "margin_worst")
 
@@ -81,15 +80,12 @@ class ScoreConfig(StageConfig):
         )
 
 
-class ScoreStage(Stage):
+class ScoreStage(TwoPhaseStage):
     """Score preference strength (margins) with reward members: embedding-bt, hf:MODEL, judge."""
 
     name = "score"
     config_cls = ScoreConfig
-
-    def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
-        assert source is not None
-        yield from apply_plan(self, source, self.plan(source, ctx), ctx, "score: writing")
+    apply_label = "score: writing"
 
     def plan(self, source: StageInput, ctx: StageContext) -> dict[str, np.ndarray]:
         """Pass 1, on the driver under any engine (cross-fitting and standardization are global;
@@ -129,29 +125,6 @@ class ScoreStage(Stage):
         for name, values in plan.items():
             table = table.append_column(name, pa.array(values[offset : offset + n], pa.float64(), from_pandas=True))
         return BatchResult(table)
-
-
-def apply_plan(stage: Any, source: StageInput, plan: Any, ctx: StageContext, label: str) -> Iterator[BatchResult]:
-    """A two-phase stage's second pass in this process: ``apply_batch`` over whole batches by
-    row offset (the Ray engine maps the same ``apply_batch`` over row groups instead)."""
-    task = ctx.progress.task(label, total=source.num_rows)
-    offset = 0
-    for table in whole_tables(source):
-        result = stage.apply_batch(table, plan, offset, ctx)
-        offset += table.num_rows
-        task.advance(table.num_rows)
-        yield result
-
-
-def whole_tables(source: StageInput) -> Iterator[pa.Table]:
-    """The input's batches as tables; an empty input gives one empty table, so the output
-    still gets the new columns in its schema."""
-    seen = False
-    for batch in source.batches():
-        seen = True
-        yield pa.Table.from_batches([batch])
-    if not seen and source.schema is not None:
-        yield source.schema.empty_table()
 
 
 def _stale(column: str, new: dict[str, np.ndarray]) -> bool:
