@@ -282,10 +282,6 @@ class ExportOutput(StageOutput):
         manifest.extra.update(figures)
         return super().commit(manifest)
 
-    def abort(self) -> None:
-        self.data.discard()  # type: ignore[attr-defined]
-        super().abort()
-
     def before_publish(self, manifest: Manifest) -> None:
         from prefcurate.card import write_card
 
