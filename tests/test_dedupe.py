@@ -216,11 +216,7 @@ def test_second_run_encodes_nothing(tmp_path):
 
 
 def test_real_hh_rows_with_planted_copies(tmp_path):
-    rows = []
-    for k, r in enumerate(hh_rows(60)):
-        head, _, c = r["chosen"].rpartition("\n\nAssistant:")
-        _, _, j = r["rejected"].rpartition("\n\nAssistant:")
-        rows.append({"id": f"hh{k}", "prompt": head.strip(), "chosen": c.strip(), "rejected": j.strip()})
+    rows = _hh(60)
     copies = [
         {"id": f"copy{k}", **{f: _paraphrase(rows[k][f]) for f in ("prompt", "chosen", "rejected")}}
         for k in (3, 17, 42)
@@ -325,3 +321,43 @@ def test_gpu_path_gives_the_cpu_answer(tmp_path):
     assert manifest.extra["index_device"] == "cuda"
     _, _, cpu_rejects = _run(tmp_path, _planted(), "cpu", device="cpu", model="static")
     assert set(rejects) == set(cpu_rejects)
+
+
+def test_arrow_normalization_matches_python_semantics():
+    import unicodedata
+
+    import pyarrow as pa
+
+    from prefcurate.stages.dedupe_keys import normalize_column
+
+    values = ["  Hello\tWORLD \n", "ＦＵＬＬ　Width", "Café  OK", "plain ascii text"]
+    got = normalize_column(pa.array(values), ["case", "whitespace", "nfkc"]).to_pylist()
+    assert got == [" ".join(unicodedata.normalize("NFKC", v).lower().split()) for v in values]
+    assert normalize_column(pa.array(values), ["none"]).to_pylist() == values
+
+
+def _hh(n: int) -> list[dict]:
+    rows = []
+    for k, r in enumerate(hh_rows(n)):
+        head, _, c = r["chosen"].rpartition("\n\nAssistant:")
+        _, _, j = r["rejected"].rpartition("\n\nAssistant:")
+        rows.append({"id": f"hh{k}", "prompt": head.strip(), "chosen": c.strip(), "rejected": j.strip()})
+    return rows
+
+
+def test_same_answers_to_another_prompt_are_not_a_near_duplicate(tmp_path):
+    # HH prompts 0 and 8 differ (static cosine ~0.86) but the mean over three parts with the
+    # same two answers would pass 0.92: the per-part floor keeps them apart.
+    rows = _hh(10)
+    rows.append(
+        {
+            "id": "answers-of-8",
+            "prompt": rows[0]["prompt"],
+            "chosen": rows[8]["chosen"],
+            "rejected": rows[8]["rejected"],
+        }
+    )
+    _, _, rejects = _run(tmp_path, rows, "floor")
+    assert "answers-of-8" not in rejects and "hh8" not in rejects
+    _, _, rejects = _run(tmp_path, rows, "nofloor", part_threshold=0.0)
+    assert {"answers-of-8", "hh8"} & set(rejects)

@@ -46,7 +46,7 @@ STATIC_VERSION = 1  # bump when the distillation recipe changes: it is part of t
 # The CPU default, from benchmarks/bench_dedupe.py: the static model finds planted
 # paraphrases nearly as well as MiniLM at ~100x the speed on 2 cores.
 CPU_DEFAULT = "static"
-_SQL_CHUNK = 900  # keys per IN (...) query, under SQLite's variable limit on old builds
+_SQL_CHUNK = 8192  # keys per IN (...) query (capped by the build's variable limit: 999 before SQLite 3.32)
 
 
 @dataclass
@@ -75,11 +75,12 @@ class EmbeddingCache:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("CREATE TABLE IF NOT EXISTS emb (key BLOB PRIMARY KEY, vec BLOB NOT NULL) WITHOUT ROWID")
+        self._chunk = min(_SQL_CHUNK, self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
         found: dict[bytes, np.ndarray] = {}
-        for start in range(0, len(keys), _SQL_CHUNK):
-            chunk = keys[start : start + _SQL_CHUNK]
+        for start in range(0, len(keys), self._chunk):
+            chunk = keys[start : start + self._chunk]
             marks = ",".join("?" * len(chunk))
             for key, blob in self._conn.execute(f"SELECT key, vec FROM emb WHERE key IN ({marks})", chunk):
                 vec = np.frombuffer(blob, dtype=np.float16)

@@ -117,7 +117,6 @@ class NeighborIndex:
         kind = choose_kind(n, self.device, kind)
         self.info = IndexInfo(kind, self.device, n, dim)
         self.exact = kind == "flat"
-        self._mean = np.zeros(dim, np.float32)
         self._proj: np.ndarray | None = None
         if not self.exact and dim > REDUCED_DIM and n > REDUCED_DIM:
             self._fit_projection(_sample(vectors, _PCA_SAMPLE))
@@ -135,17 +134,17 @@ class NeighborIndex:
     def _fit_projection(self, sample: np.ndarray) -> None:
         """Centered PCA by an eigendecomposition of the sample covariance (dim x dim: cheap)."""
         sample = sample.astype(np.float64)
-        self._mean = sample.mean(axis=0)
-        centered = sample - self._mean
+        mean = sample.mean(axis=0)
+        centered = sample - mean
         _, vecs = np.linalg.eigh(centered.T @ centered)
         self._proj = np.ascontiguousarray(vecs[:, ::-1][:, :REDUCED_DIM], dtype=np.float32)
-        self._mean = self._mean.astype(np.float32)
+        self._offset = (mean @ self._proj).astype(np.float32)
 
     def _reduce(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)
         if self._proj is None:
             return np.ascontiguousarray(vectors)
-        return np.ascontiguousarray((vectors - self._mean) @ self._proj)
+        return np.ascontiguousarray(vectors @ self._proj - self._offset)  # (x - mean) P without a copy of x
 
     def _make(self, faiss, kind: str, dim: int, n: int, nprobe: int):
         self.info.dim = dim

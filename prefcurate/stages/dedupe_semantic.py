@@ -2,8 +2,10 @@
 
 Only rows still kept after the exact pass are embedded. A row's vector is the concatenation
 of its parts' unit vectors divided by sqrt(#parts), so a dot product between two rows is the
-mean of the per-part cosines: ``--on pair`` with threshold 0.93 needs the prompts and both
-responses to be close on average, and two different answer pairs to one prompt stay apart.
+mean of the per-part cosines: ``--on pair`` needs the prompts and both responses to be close
+on average (so two different answer pairs to one prompt stay apart), and every part must
+also pass ``part_threshold`` on its own (so the same generic answers to two different
+prompts are not merged).
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from prefcurate.stages.dedupe_keys import EvalSet, part_texts
 PARTS = {"pair": ("prompt", "chosen", "rejected"), "prompt": ("prompt",), "response": ("chosen", "rejected")}
 
 
-def default_threshold(embedder_name: str) -> float:
+def default_thresholds(embedder_name: str) -> tuple[float, float]:
+    """(row threshold, per-part threshold) calibrated for the model (bench_dedupe.py --calibrate)."""
     from prefcurate.backends.embed import MINILM_NAME
-    from prefcurate.stages.dedupe import DEFAULT_THRESHOLDS, FALLBACK_THRESHOLD
+    from prefcurate.stages.dedupe import DEFAULT_PART_THRESHOLDS, DEFAULT_THRESHOLDS, FALLBACK_THRESHOLD
 
     if embedder_name.startswith("static-"):
-        return DEFAULT_THRESHOLDS["static"]
+        return DEFAULT_THRESHOLDS["static"], DEFAULT_PART_THRESHOLDS["static"]
     if embedder_name == MINILM_NAME:
-        return DEFAULT_THRESHOLDS["minilm"]
-    return FALLBACK_THRESHOLD
+        return DEFAULT_THRESHOLDS["minilm"], DEFAULT_PART_THRESHOLDS["minilm"]
+    return FALLBACK_THRESHOLD, 0.0
 
 
 def semantic_pass(
@@ -44,7 +47,9 @@ def semantic_pass(
     from prefcurate.stages.dedupe import mark_contaminated
 
     embedder = get_embedder(cfg.model, cfg.device, ctx.cache_dir)
-    threshold = cfg.threshold or default_threshold(embedder.name)
+    threshold, part_threshold = default_thresholds(embedder.name)
+    threshold = cfg.threshold or threshold
+    part_threshold = part_threshold if cfg.part_threshold is None else cfg.part_threshold
     ctx.extra.update(model=embedder.name, embed_device=embedder.device, threshold=threshold)
     ctx.progress.note(f"dedupe: embedding with {embedder.name} on {embedder.device}")
     cand = np.flatnonzero(decisions.reason == KEEP)
@@ -63,7 +68,7 @@ def semantic_pass(
         cand = cand[~hit]
         vectors = vectors[~hit] if vectors is not None else None
     if cfg.semantic:
-        _near_duplicates(cfg, ctx, decisions, prio, cand, vectors, threshold)
+        _near_duplicates(cfg, ctx, decisions, prio, cand, vectors, threshold, part_threshold)
     ctx.extra["encode_seconds"] = round(embedder.stats.encode_seconds, 3)
     ctx.extra["texts"] = {
         "requested": embedder.stats.requested,
@@ -121,12 +126,28 @@ def _contamination(cfg, ctx, embedder, prompt_vecs: np.ndarray, evals: EvalSet, 
     return hit, sims, match
 
 
-def _near_duplicates(cfg, ctx, decisions: Decisions, prio, cand: np.ndarray, vectors: np.ndarray, threshold: float):
+def _parts_agree(vectors: np.ndarray, i: np.ndarray, j: np.ndarray, n_parts: int, floor: float):
+    """Keep the edges whose every part (prompt, chosen, rejected) reaches ``floor`` on its own."""
+    dim = vectors.shape[1] // n_parts
+    ok = np.ones(len(i), bool)
+    for k in range(n_parts):
+        block = slice(k * dim, (k + 1) * dim)
+        ok &= np.einsum("ij,ij->i", vectors[i, block], vectors[j, block]) * n_parts >= floor
+    return i[ok], j[ok]
+
+
+def _near_duplicates(
+    cfg, ctx, decisions: Decisions, prio, cand: np.ndarray, vectors: np.ndarray, threshold: float, part_threshold: float
+):
     from prefcurate.backends.index import connected_components, similar_pairs
 
     task = ctx.progress.task("dedupe: neighbours", total=len(cand))
     started = time.perf_counter()
     i, j, _, info = similar_pairs(vectors, threshold, cfg.neighbors, cfg.device, cfg.index, task)
+    n_parts = len(PARTS[cfg.on])
+    if n_parts > 1 and part_threshold > 0:
+        i, j = _parts_agree(vectors, i, j, n_parts, part_threshold)
+        ctx.extra["part_threshold"] = part_threshold
     ctx.progress.note(f"dedupe: {info.describe()}")
     comp = connected_components(len(cand), i, j)
     keep, leader = cluster_decisions(comp, prio[cand], cfg.per_prompt if cfg.on == "prompt" else 1)
