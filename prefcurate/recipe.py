@@ -109,7 +109,9 @@ def interpolate(value: Any, where: str = "") -> Any:
                 return os.environ[name]
             if default is not None:
                 return default
-            raise ConfigError(f"{where}: environment variable {name} is not set", f"export {name}=... or use ${{{name}:-default}}")
+            raise ConfigError(
+                f"{where}: environment variable {name} is not set", f"export {name}=... or use ${{{name}:-default}}"
+            )
 
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
@@ -182,7 +184,14 @@ def parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _build(stage: str, data: dict[str, Any], where: str, base: Path, sets: dict[str, dict[str, Any]], extra_keys: tuple[str, ...] = ()) -> tuple[StageConfig, dict[str, Any]]:
+def _build(
+    stage: str,
+    data: dict[str, Any],
+    where: str,
+    base: Path,
+    sets: dict[str, dict[str, Any]],
+    extra_keys: tuple[str, ...] = (),
+) -> tuple[StageConfig, dict[str, Any]]:
     cls = get_stage(stage).config_cls
     if data is None:
         data = {}
@@ -267,8 +276,6 @@ def check_columns(recipe: Recipe) -> list[str]:
     for spec in chain:
         missing = sorted(spec.config.requires() - available)
         if missing:
-            problems.append(
-                f"{spec.where}: needs column(s) {', '.join(missing)}, which no earlier stage produces"
-            )
+            problems.append(f"{spec.where}: needs column(s) {', '.join(missing)}, which no earlier stage produces")
         available |= spec.config.produces()
     return problems

@@ -20,8 +20,8 @@ import os
 import shutil
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,9 +145,7 @@ class ShardWriter:
         if table.schema.equals(self._schema, check_metadata=False):
             return table
         if set(table.schema.names) != set(self._schema.names):
-            raise ValueError(
-                f"shard schema changed: {sorted(self._schema.names)} -> {sorted(table.schema.names)}"
-            )
+            raise ValueError(f"shard schema changed: {sorted(self._schema.names)} -> {sorted(table.schema.names)}")
         table = table.select(self._schema.names)
         try:
             return table.cast(self._schema)

@@ -135,10 +135,22 @@ def make_stage_dir(path: Path, pairs: list[dict], stage: str = "fixture") -> Pat
         row.update({k: v for k, v in p.items() if k not in row and k not in ("prompt", "chosen", "rejected")})
         rows.append(row)
     extra = [k for k in (rows[0] if rows else {}) if k not in SCHEMA.names]
-    table = pa.Table.from_pylist(rows, schema=pa.schema([*SCHEMA, *(pa.field(k, pa.array([r[k] for r in rows]).type) for k in extra)]))
+    table = pa.Table.from_pylist(
+        rows, schema=pa.schema([*SCHEMA, *(pa.field(k, pa.array([r[k] for r in rows]).type) for k in extra)])
+    )
     out = StageOutput(path)
     out.data.write(table)
     fp = fingerprint(stage, table.num_rows, [r["id"] for r in rows])
-    out.commit(Manifest(stage=stage, version=__version__, params={}, input=None, input_fingerprint=fp,
-                        fingerprint=fp, rows_in=table.num_rows, rows_out=table.num_rows))
+    out.commit(
+        Manifest(
+            stage=stage,
+            version=__version__,
+            params={},
+            input=None,
+            input_fingerprint=fp,
+            fingerprint=fp,
+            rows_in=table.num_rows,
+            rows_out=table.num_rows,
+        )
+    )
     return path

@@ -50,7 +50,10 @@ class Crashes(Stage):
 
 @pytest.fixture
 def pairs_dir(tmp_path):
-    rows = [{"prompt": r["chosen"][:80], "chosen": r["chosen"][-300:], "rejected": r["rejected"][-300:]} for r in hh_rows(200)]
+    rows = [
+        {"prompt": r["chosen"][:80], "chosen": r["chosen"][-300:], "rejected": r["rejected"][-300:]}
+        for r in hh_rows(200)
+    ]
     return make_stage_dir(tmp_path / "in", rows)
 
 

@@ -558,7 +558,15 @@ def test_csv_row_with_wrong_field_count_is_a_reject(cli, tmp_path):
 
 
 def test_an_export_directory_reingests_its_data_only_and_keeps_ties(tmp_path, cli):
-    rows = [{"prompt": r["input"], "response_a": r["output_1"], "response_b": r["output_2"], "label": "tie" if i % 4 == 0 else "a"} for i, r in enumerate(llmbar_rows("natural"))]
+    rows = [
+        {
+            "prompt": r["input"],
+            "response_a": r["output_1"],
+            "response_b": r["output_2"],
+            "label": "tie" if i % 4 == 0 else "a",
+        }
+        for i, r in enumerate(llmbar_rows("natural"))
+    ]
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     assert cli("ingest", tmp_path / "pairs.jsonl", "-o", tmp_path / "a").exit_code == 0
     for fmt, to in (("trl", "jsonl"), ("trl-chat", "parquet")):

@@ -36,7 +36,10 @@ def _base(**over) -> dict:
     [
         ({"bogus": 1}, "bogus: unknown key"),
         ({"stages": [{"dedupe": {"bogus": True}}]}, "stages[0].dedupe.bogus: Extra inputs are not permitted"),
-        ({"stages": [{"dedupe": {}}, {"filter": {"flip_max_agree": "lots"}}]}, "stages[1].filter.flip_max_agree: Input should be a valid number"),
+        (
+            {"stages": [{"dedupe": {}}, {"filter": {"flip_max_agree": "lots"}}]},
+            "stages[1].filter.flip_max_agree: Input should be a valid number",
+        ),
         ({"stages": [{"judge": {"concurrency": 4}}]}, "stages[0].judge.model: Field required"),
         ({"stages": [{"sharpen": {}}]}, "stages[0].sharpen: unknown stage"),
         ({"stages": [{"dedupe": {}, "filter": {}}]}, "stages[0]: expected one stage"),
@@ -66,7 +69,9 @@ def test_env_interpolation_with_defaults_and_missing_vars(tmp_path, monkeypatch)
     assert [Path(p) for p in dedupe.against] == [tmp_path / "recipes" / ".." / "evals" / "prompts.jsonl"]
     assert dedupe.model == "static"
     recipe["stages"][0]["dedupe"]["model"] = "${EMBED_MODEL_UNSET}"
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.dedupe\.model: environment variable EMBED_MODEL_UNSET is not set"):
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.dedupe\.model: environment variable EMBED_MODEL_UNSET is not set"
+    ):
         load_recipe(_write(tmp_path, recipe))
 
 
@@ -95,7 +100,9 @@ def test_column_chain_is_checked_before_work(tmp_path, cli):
     problems = check_columns(load_recipe(_write(tmp_path, bad)))
     assert problems and problems[0].startswith("stages[0].filter: needs column(s)") and "margin_mean" in problems[0]
     result = cli("pipeline", "--check", _write(tmp_path, bad))
-    assert result.exit_code == 2 and "stages[0].filter" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        result.exit_code == 2 and "stages[0].filter" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    )
     good = _base(stages=[{"score": {"member": ["embedding-bt"]}}, {"filter": {"flip": True}}])
     ok = cli("pipeline", "--check", _write(tmp_path, good))
     assert ok.exit_code == 0, ok.stderr

@@ -21,7 +21,12 @@ from prefcurate.shards import (
 
 
 def _table(start: int, n: int, note=None) -> pa.Table:
-    return pa.table({"id": [str(i) for i in range(start, start + n)], "note": pa.array([note] * n, pa.string() if note else pa.null())})
+    return pa.table(
+        {
+            "id": [str(i) for i in range(start, start + n)],
+            "note": pa.array([note] * n, pa.string() if note else pa.null()),
+        }
+    )
 
 
 def test_writer_rotates_shards_and_keeps_order(tmp_path):

@@ -44,14 +44,24 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
 ) -> None:
     if debug:
         os.environ["PREFCURATE_DEBUG"] = "1"
 
 
-def _run_stage(name: str, values: dict[str, Any], input: Path | None = None, output: Path = Path("."), fresh: bool = False, quiet: bool = False, engine: str = "local") -> None:
+def _run_stage(
+    name: str,
+    values: dict[str, Any],
+    input: Path | None = None,
+    output: Path = Path("."),
+    fresh: bool = False,
+    quiet: bool = False,
+    engine: str = "local",
+) -> None:
     from prefcurate.cli.output import err_console, progress_display, stage_table
     from prefcurate.recipe import validate_config
 
@@ -68,24 +78,36 @@ def _run_stage(name: str, values: dict[str, Any], input: Path | None = None, out
 
 
 _OUTPUT = inspect.Parameter(
-    "output", inspect.Parameter.KEYWORD_ONLY,
+    "output",
+    inspect.Parameter.KEYWORD_ONLY,
     annotation=Annotated[Path, typer.Option("-o", "--output", help="Directory to write (a stage directory).")],
 )
 _INPUT = inspect.Parameter(
-    "input", inspect.Parameter.KEYWORD_ONLY,
-    annotation=Annotated[Path, typer.Argument(metavar="IN", help="Stage directory to read (the output of an earlier stage).")],
+    "input",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=Annotated[
+        Path, typer.Argument(metavar="IN", help="Stage directory to read (the output of an earlier stage).")
+    ],
 )
 _FRESH = inspect.Parameter(
-    "fresh", inspect.Parameter.KEYWORD_ONLY, default=False,
-    annotation=Annotated[bool, typer.Option("--fresh", help="Rerun even if OUTPUT is up to date for this input and these options.")],
+    "fresh",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=False,
+    annotation=Annotated[
+        bool, typer.Option("--fresh", help="Rerun even if OUTPUT is up to date for this input and these options.")
+    ],
 )
 _QUIET = inspect.Parameter(
-    "quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
+    "quiet",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=False,
     annotation=Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")],
 )
 _ENGINE_HELP = "Where row-wise work runs: local (this process) or ray (Ray Data; RAY_ADDRESS picks a cluster)."
 _ENGINE = inspect.Parameter(
-    "engine", inspect.Parameter.KEYWORD_ONLY, default="local",
+    "engine",
+    inspect.Parameter.KEYWORD_ONLY,
+    default="local",
     annotation=Annotated[str, typer.Option("--engine", envvar="PREFCURATE_ENGINE", help=_ENGINE_HELP)],
 )
 
@@ -107,9 +129,13 @@ def _register_stages() -> None:
 @app.command()
 def pipeline(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    check: Annotated[bool, typer.Option("--check", help="Validate the recipe and the column chain, then stop.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Validate the recipe and the column chain, then stop.")
+    ] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Rerun every stage, even unchanged ones.")] = False,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override an option: STAGE.FIELD=VALUE (repeatable).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override an option: STAGE.FIELD=VALUE (repeatable).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     engine: Annotated[str, typer.Option("--engine", envvar="PREFCURATE_ENGINE", help=_ENGINE_HELP)] = "local",
 ) -> None:

@@ -83,7 +83,9 @@ def _parse_dict(name: str, items: list[str]) -> dict[str, str]:
     return out
 
 
-def build_params(config_cls: type[BaseModel], stage: str, skip: set[str] = frozenset()) -> tuple[list[inspect.Parameter], dict[str, str]]:
+def build_params(
+    config_cls: type[BaseModel], stage: str, skip: set[str] = frozenset()
+) -> tuple[list[inspect.Parameter], dict[str, str]]:
     """typer parameters for a model's fields, and each field's conversion kind."""
     params: list[inspect.Parameter] = []
     kinds: dict[str, str] = {}
@@ -109,8 +111,10 @@ def build_params(config_cls: type[BaseModel], stage: str, skip: set[str] = froze
             decls = [option_name, *hints.get("flags", [])]
             if cli_type is bool:
                 decls = [f"{option_name}/--no-{name.replace('_', '-')}", *hints.get("flags", [])]
-            info = typer.Option(*decls, help=help_text, envvar=env_var(stage, name), show_envvar=False, show_default=not required)
-        annotation = Annotated[cli_type if (required or default is not None) else typing.Optional[cli_type], info]  # noqa: UP007
+            info = typer.Option(
+                *decls, help=help_text, envvar=env_var(stage, name), show_envvar=False, show_default=not required
+            )
+        annotation = Annotated[cli_type if (required or default is not None) else cli_type | None, info]  # noqa: UP007
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     # typer wants arguments (no default) before options with defaults only for positional
     # parameters; keyword-only parameters can come in any order.

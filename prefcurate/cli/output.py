@@ -87,8 +87,16 @@ def progress_display(quiet: bool = False) -> Iterator[RichProgress | None]:
 def stage_table(rows: Sequence[tuple[str, str, object, bool]], title: str = "summary") -> Table:
     """rows: (stage, directory, manifest, skipped)."""
     table = Table(title=title, title_justify="left")
-    for col, justify in (("stage", "left"), ("rows in", "right"), ("out", "right"), ("rejected", "right"),
-                         ("top reasons", "left"), ("seconds", "right"), ("", "left"), ("directory", "left")):
+    for col, justify in (
+        ("stage", "left"),
+        ("rows in", "right"),
+        ("out", "right"),
+        ("rejected", "right"),
+        ("top reasons", "left"),
+        ("seconds", "right"),
+        ("", "left"),
+        ("directory", "left"),
+    ):
         table.add_column(col, justify=justify)
     for name, directory, m, skipped in rows:
         reasons = sorted(m.reject_reasons.items(), key=lambda kv: -kv[1])[:3]

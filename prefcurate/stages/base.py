@@ -128,7 +128,9 @@ class StageInput:
     def columns(self) -> list[str]:
         return list(self.schema.names) if self.schema is not None else []
 
-    def batches(self, columns: Sequence[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    def batches(
+        self, columns: Sequence[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS
+    ) -> Iterator[pa.RecordBatch]:
         return iter_batches(self.dir, columns, batch_rows)
 
 
@@ -291,9 +293,7 @@ class Stage:
                 for value in pc.value_counts(rej[REJECT_REASON]).to_pylist():
                     reasons[value["values"]] = reasons.get(value["values"], 0) + value["counts"]
         if rows_in != rows_out + rows_rejected:
-            raise StageFailed(
-                f"{self.name}: {rows_in} rows in but {rows_out} out + {rows_rejected} rejected (a bug)"
-            )
+            raise StageFailed(f"{self.name}: {rows_in} rows in but {rows_out} out + {rows_rejected} rejected (a bug)")
         return rows_in, rows_out, rows_rejected, reasons
 
     def _conform_rejects(self, rejected: pa.Table) -> pa.Table:
@@ -350,4 +350,3 @@ def whole_tables(source: StageInput) -> Iterator[pa.Table]:
         yield pa.Table.from_batches([batch])
     if not seen and source.schema is not None:
         yield source.schema.empty_table()
-
