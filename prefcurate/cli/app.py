@@ -122,8 +122,11 @@ def _register_stages() -> None:
             _run_stage(_name, values, **kw)
 
         command = make_command(runner, extra, cls.config_cls, name)
-        help_text = (cls.__doc__ or "").strip().split("\n\n")[0]
+        help_text = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         app.command(name=name, help=help_text)(command)
+
+
+_register_stages()  # first, so `--help` lists the stages in pipeline order
 
 
 @app.command()
@@ -183,7 +186,6 @@ def _load_extra_commands() -> None:
         importlib.import_module(module).register(app)
 
 
-_register_stages()
 _load_extra_commands()
 
 
