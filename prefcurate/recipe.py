@@ -169,7 +169,7 @@ def _resolve_paths(cls: type[BaseModel], data: dict[str, Any], base: Path) -> di
 
 def _rel(base: Path, value: Any) -> Path:
     p = Path(str(value)).expanduser()
-    return p if p.is_absolute() else base / p
+    return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
 def parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:

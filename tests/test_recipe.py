@@ -66,7 +66,7 @@ def test_env_interpolation_with_defaults_and_missing_vars(tmp_path, monkeypatch)
     recipe = _base(stages=[{"dedupe": {"against": ["../${EVAL_SET}"], "model": "${EMBED:-static}"}}])
     loaded = load_recipe(_write(tmp_path, recipe))
     dedupe = loaded.stages[0].config
-    assert [Path(p) for p in dedupe.against] == [tmp_path / "recipes" / ".." / "evals" / "prompts.jsonl"]
+    assert [Path(p) for p in dedupe.against] == [tmp_path / "evals" / "prompts.jsonl"]
     assert dedupe.model == "static"
     recipe["stages"][0]["dedupe"]["model"] = "${EMBED_MODEL_UNSET}"
     with pytest.raises(
@@ -78,8 +78,8 @@ def test_env_interpolation_with_defaults_and_missing_vars(tmp_path, monkeypatch)
 def test_relative_paths_are_relative_to_the_recipe_file(tmp_path):
     loaded = load_recipe(_write(tmp_path, _base()))
     here = tmp_path / "recipes"
-    assert loaded.workdir == here / ".." / "work"
-    assert loaded.output.dir == here / ".." / "out"
+    assert loaded.workdir == (here / ".." / "work").resolve()
+    assert loaded.output.dir == (here / ".." / "out").resolve()
     assert [Path(s).resolve() for s in loaded.input.config.sources] == [(tmp_path / "data" / "natural.jsonl").resolve()]
 
 
