@@ -56,3 +56,21 @@ def test_unknown_option_is_a_usage_error(cli, tmp_path):
     result = cli("export", tmp_path, "--no-such-option")
     assert result.exit_code == 2
     assert "No such option" in result.stderr
+
+
+def test_the_readme_options_reference_is_the_generated_one():
+    from prefcurate.cli.docs import BEGIN, END, options_reference
+
+    readme = (REPO / "README.md").read_text()
+    assert BEGIN in readme and END in readme
+    current = readme[readme.index(BEGIN) : readme.index(END) + len(END)]
+    assert current == options_reference(), "README is stale: paste `python -m prefcurate.cli.docs` into it"
+    for option in (
+        "--min-gap",
+        "--part-threshold",
+        "--verdict-tie",
+        "--keep-top-fraction",
+        "--test-size",
+        "--revision",
+    ):
+        assert f"`{option}`" in current
