@@ -290,7 +290,7 @@ def static_model_path(models_dir: Path, name: str) -> Path:
     try:
         from model2vec.distill import distill
     except ImportError:
-        raise MissingDependency("model2vec[distill]", extra="distill", purpose="distilling the static model") from None
+        raise MissingDependency("model2vec[distill]", purpose="distilling the static model") from None
     models_dir.mkdir(parents=True, exist_ok=True)
     tmp = models_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
