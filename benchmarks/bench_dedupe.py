@@ -34,9 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-from prefcurate import __version__  # noqa: E402
 from prefcurate.schema import SCHEMA, assistant, pair_id, user  # noqa: E402
-from prefcurate.shards import Manifest, StageOutput, fingerprint  # noqa: E402
+from prefcurate.shards import write_stage_dir  # noqa: E402
 
 
 def load_pool() -> tuple[list[str], list[str]]:
@@ -122,11 +121,10 @@ def write_stage(path: Path, rows: list[dict]) -> Path:
             }
         )
     shutil.rmtree(path, ignore_errors=True)
-    out = StageOutput(path)
-    for start in range(0, len(records), 50_000):
-        out.data.write(pa.Table.from_pylist(records[start : start + 50_000], schema=SCHEMA))
-    fp = fingerprint("bench", len(rows), records[0]["id"] if records else "")
-    out.commit(Manifest("bench", __version__, {}, None, fp, fp, len(rows), len(rows)))
+    tables = (
+        pa.Table.from_pylist(records[start : start + 50_000], schema=SCHEMA) for start in range(0, len(records), 50_000)
+    )
+    write_stage_dir(path, tables, stage="bench", key=records[0]["id"] if records else "")
     return path
 
 

@@ -52,42 +52,31 @@ def _messages(role: str, texts: list[str]) -> pa.Array:
 
 
 def make_input(path: Path, rows: int, shard_rows: int = 100_000) -> Path:
-    from prefcurate import __version__
     from prefcurate.schema import SCHEMA
-    from prefcurate.shards import Manifest, fingerprint
+    from prefcurate.shards import write_stage_dir
 
     if (path / "manifest.json").exists():
         return path
     rng = np.random.default_rng(0)
-    (path / "data").mkdir(parents=True, exist_ok=True)
-    for i, start in enumerate(range(0, rows, shard_rows)):
-        n = min(shard_rows, rows - start)
-        table = pa.table(
-            {
-                "id": pa.array([f"{start + j:012d}" for j in range(n)]),
-                "prompt": _messages("user", _texts(rng, n, 5, 40)),
-                "chosen": _messages("assistant", _texts(rng, n, 10, 120)),
-                "rejected": _messages("assistant", _texts(rng, n, 10, 120)),
-                "source": pa.array(["bench"] * n),
-                "tie": pa.array(np.zeros(n, bool)),
-                "chosen_rating": pa.nulls(n, pa.float64()),
-                "rejected_rating": pa.nulls(n, pa.float64()),
-            },
-            schema=SCHEMA,
-        )
-        pq.write_table(table, path / "data" / f"part-{i:05d}.parquet", row_group_size=n, compression="zstd")
-    fp = fingerprint("bench", rows)
-    manifest = Manifest(
-        stage="bench",
-        version=__version__,
-        params={"rows": rows},
-        input=None,
-        input_fingerprint=fp,
-        fingerprint=fp,
-        rows_in=rows,
-        rows_out=rows,
-    )
-    (path / "manifest.json").write_text(manifest.to_json())
+
+    def shards():
+        for start in range(0, rows, shard_rows):
+            n = min(shard_rows, rows - start)
+            yield pa.table(
+                {
+                    "id": pa.array([f"{start + j:012d}" for j in range(n)]),
+                    "prompt": _messages("user", _texts(rng, n, 5, 40)),
+                    "chosen": _messages("assistant", _texts(rng, n, 10, 120)),
+                    "rejected": _messages("assistant", _texts(rng, n, 10, 120)),
+                    "source": pa.array(["bench"] * n),
+                    "tie": pa.array(np.zeros(n, bool)),
+                    "chosen_rating": pa.nulls(n, pa.float64()),
+                    "rejected_rating": pa.nulls(n, pa.float64()),
+                },
+                schema=SCHEMA,
+            )
+
+    write_stage_dir(path, shards(), stage="bench", key=rows, rows_per_shard=shard_rows)
     return path
 
 

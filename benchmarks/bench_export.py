@@ -35,56 +35,45 @@ _WORDS = (
 
 def build(path: Path, rows: int, batch: int = 50_000, seed: int = 0) -> None:
     """A finished stage directory of ``rows`` pairs, written batch by batch."""
-    from prefcurate import __version__
     from prefcurate.schema import SCHEMA
-    from prefcurate.shards import Manifest, StageOutput, fingerprint
+    from prefcurate.shards import write_stage_dir
 
     rng = np.random.default_rng(seed)
     pool = np.array(
         [" ".join(rng.choice(_WORDS, size=int(rng.integers(8, 20)))).capitalize() + "." for _ in range(4096)]
     )
-    out = StageOutput(path)
-    for start in range(0, rows, batch):
-        n = min(batch, rows - start)
-        idx = rng.integers(0, len(pool), size=(n, 5))
-        ids = np.char.add("pair-", np.arange(start, start + n).astype(str))
-        a, b, c, d, e = (pool[idx[:, k]] for k in range(5))
-        prompt = np.char.add(np.char.add("Question: ", a), np.char.add(" What is ", b))
-        chosen, rejected = np.char.add(np.char.add(c, "\n"), d), np.char.add(np.char.add(e, " "), c)
 
-        def msgs(texts: np.ndarray, role: str, n: int = n) -> pa.Array:
-            values = pa.StructArray.from_arrays(
-                [pa.array([role] * n), pa.array(texts.tolist())], names=["role", "content"]
-            )
-            return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), values)
+    def batches():
+        for start in range(0, rows, batch):
+            n = min(batch, rows - start)
+            idx = rng.integers(0, len(pool), size=(n, 5))
+            ids = np.char.add("pair-", np.arange(start, start + n).astype(str))
+            a, b, c, d, e = (pool[idx[:, k]] for k in range(5))
+            prompt = np.char.add(np.char.add("Question: ", a), np.char.add(" What is ", b))
+            chosen, rejected = np.char.add(np.char.add(c, "\n"), d), np.char.add(np.char.add(e, " "), c)
 
-        table = pa.table(
-            {
-                "id": pa.array(ids.tolist()),
-                "prompt": msgs(prompt, "user"),
-                "chosen": msgs(chosen, "assistant"),
-                "rejected": msgs(rejected, "assistant"),
-                "source": pa.array(["bench"] * n),
-                "tie": pa.array(rng.random(n) < 0.01),
-                "chosen_rating": pa.nulls(n, pa.float64()),
-                "rejected_rating": pa.nulls(n, pa.float64()),
-                "margin_mean": pa.array(rng.normal(size=n)),
-            }
-        ).cast(pa.schema([*SCHEMA, pa.field("margin_mean", pa.float64())]))
-        out.data.write(table)
-    fp = fingerprint("bench", rows, seed)
-    out.commit(
-        Manifest(
-            stage="bench",
-            version=__version__,
-            params={"rows": rows},
-            input=None,
-            input_fingerprint=fp,
-            fingerprint=fp,
-            rows_in=rows,
-            rows_out=rows,
-        )
-    )
+            def msgs(texts: np.ndarray, role: str, n: int = n) -> pa.Array:
+                values = pa.StructArray.from_arrays(
+                    [pa.array([role] * n), pa.array(texts.tolist())], names=["role", "content"]
+                )
+                return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), values)
+
+            table = pa.table(
+                {
+                    "id": pa.array(ids.tolist()),
+                    "prompt": msgs(prompt, "user"),
+                    "chosen": msgs(chosen, "assistant"),
+                    "rejected": msgs(rejected, "assistant"),
+                    "source": pa.array(["bench"] * n),
+                    "tie": pa.array(rng.random(n) < 0.01),
+                    "chosen_rating": pa.nulls(n, pa.float64()),
+                    "rejected_rating": pa.nulls(n, pa.float64()),
+                    "margin_mean": pa.array(rng.normal(size=n)),
+                }
+            ).cast(pa.schema([*SCHEMA, pa.field("margin_mean", pa.float64())]))
+            yield table
+
+    write_stage_dir(path, batches(), stage="bench", key=[rows, seed])
 
 
 def step(kind: str, src: str, dst: str, fmt: str, to: str) -> None:

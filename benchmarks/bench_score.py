@@ -66,25 +66,10 @@ def load_pairs(flip_share: float, seed: int) -> tuple[list[dict], np.ndarray]:
 
 
 def write_stage(path: Path, pairs: list[dict]) -> Path:
-    from prefcurate import __version__
     from prefcurate.schema import SCHEMA
-    from prefcurate.shards import Manifest, StageOutput, fingerprint
+    from prefcurate.shards import write_stage_dir
 
-    out = StageOutput(path)
-    out.data.write(pa.Table.from_pylist(pairs, schema=SCHEMA))
-    fp = fingerprint("bench", [p["id"] for p in pairs])
-    out.commit(
-        Manifest(
-            stage="bench",
-            version=__version__,
-            params={},
-            input=None,
-            input_fingerprint=fp,
-            fingerprint=fp,
-            rows_in=len(pairs),
-            rows_out=len(pairs),
-        )
-    )
+    write_stage_dir(path, [pa.Table.from_pylist(pairs, schema=SCHEMA)], stage="bench", key=[p["id"] for p in pairs])
     return path
 
 

@@ -110,9 +110,8 @@ def make_stage_dir(path: Path, pairs: list[dict], stage: str = "fixture") -> Pat
     """
     import pyarrow as pa
 
-    from prefcurate import __version__
     from prefcurate.schema import SCHEMA, assistant, pair_id, user
-    from prefcurate.shards import Manifest, StageOutput, fingerprint
+    from prefcurate.shards import write_stage_dir
 
     def msgs(value, role):
         if isinstance(value, str):
@@ -138,19 +137,5 @@ def make_stage_dir(path: Path, pairs: list[dict], stage: str = "fixture") -> Pat
     table = pa.Table.from_pylist(
         rows, schema=pa.schema([*SCHEMA, *(pa.field(k, pa.array([r[k] for r in rows]).type) for k in extra)])
     )
-    out = StageOutput(path)
-    out.data.write(table)
-    fp = fingerprint(stage, table.num_rows, [r["id"] for r in rows])
-    out.commit(
-        Manifest(
-            stage=stage,
-            version=__version__,
-            params={},
-            input=None,
-            input_fingerprint=fp,
-            fingerprint=fp,
-            rows_in=table.num_rows,
-            rows_out=table.num_rows,
-        )
-    )
+    write_stage_dir(path, [table], stage=stage, key=[r["id"] for r in rows])
     return path
