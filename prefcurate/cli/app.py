@@ -63,15 +63,13 @@ def _run_stage(
     engine: str = "local",
 ) -> None:
     from prefcurate.cli.output import err_console, progress_display, stage_table
+    from prefcurate.engines import get_engine
     from prefcurate.recipe import validate_config
 
     cls = get_stage(name)
-    from prefcurate.engines import get_engine
-
     config = validate_config(cls.config_cls, values, name)
-    runner = get_engine(engine)
     with progress_display(quiet) as progress:
-        manifest, skipped = cls(config).run(input, output, progress=progress, fresh=fresh, engine=runner)
+        manifest, skipped = cls(config).run(input, output, progress=progress, fresh=fresh, engine=get_engine(engine))
     if not quiet:
         err_console.print(stage_table([(name, str(output), manifest, skipped)], title=name))
         err_console.print(f"output: {output}")
@@ -148,8 +146,8 @@ def pipeline(
     from prefcurate.runner import check_recipe, run_recipe
 
     loaded = load_recipe(recipe, sets=set_ or [])
-    check_recipe(loaded)
-    if check:
+    if check:  # a run checks the recipe itself, before its first stage
+        check_recipe(loaded)
         names = " -> ".join(["ingest", *(s.name for s in loaded.stages), *(["export"] if loaded.output else [])])
         err_console.print(f"[green]ok[/] {recipe}: {names}")
         return
