@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from prefcurate.backends.embed import get_embedder, resolve_device
+from prefcurate.backends.embed import EmbeddingCache, get_embedder, resolve_device
 from prefcurate.errors import InputError
 from tests.conftest import hh_rows, llmbar_rows
 
@@ -48,7 +48,39 @@ def test_cache_survives_a_new_embedder_and_returns_identical_vectors(model_cache
     b = second.encode(list(reversed(texts)))
     assert second.stats.encoded == 0 and second.stats.cache_hits == 30
     np.testing.assert_array_equal(a, b[::-1])
-    assert list((root / "embeddings").glob("static-*.sqlite"))
+    assert [p.name for p in (root / "embeddings").glob("static-*/*.keys.npy")]
+
+
+def test_cache_merges_small_segments_without_losing_a_vector(tmp_path):
+    rng = np.random.default_rng(0)
+    cache = EmbeddingCache(tmp_path / "c", 8)
+    keys = rng.integers(0, 2**63, size=(60, 2), dtype=np.uint64)
+    vecs = rng.standard_normal((60, 8)).astype(np.float16)
+    for k in range(0, 60, 3):  # 20 segments of 3 texts, one text written twice
+        cache.add(keys[k : k + 3], vecs[k : k + 3])
+    cache.add(keys[:1], vecs[:1])
+    assert cache.segments == 21
+    reopened = EmbeddingCache(tmp_path / "c", 8)  # more small segments than allowed: merged on open
+    assert reopened.segments == 1 and len(reopened) == 60
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2
+    out = np.zeros((61, 8), np.float16)
+    probe = np.concatenate([keys[::-1], rng.integers(0, 2**63, size=(1, 2), dtype=np.uint64)])
+    hit = reopened.lookup(probe, out)
+    assert hit[:60].all() and not hit[60]
+    np.testing.assert_array_equal(out[:60], vecs[::-1])
+
+
+def test_cache_ignores_half_written_and_foreign_segments(tmp_path):
+    cache = EmbeddingCache(tmp_path / "c", 4)
+    keys = np.array([[1, 2], [3, 4]], np.uint64)
+    cache.add(keys, np.ones((2, 4), np.float16))
+    np.save(tmp_path / "c" / "lonely.vecs.npy", np.ones((2, 4), np.float16))  # keys never renamed in
+    np.save(tmp_path / "c" / "other.keys.npy", keys)  # vectors of another width
+    np.save(tmp_path / "c" / "other.vecs.npy", np.ones((2, 5), np.float16))
+    (tmp_path / "c" / ".x.keys.npy.tmp-1").write_bytes(b"partial")
+    again = EmbeddingCache(tmp_path / "c", 4)
+    out = np.zeros((2, 4), np.float16)
+    assert again.segments == 1 and again.lookup(keys, out).all() and (out == 1).all()
 
 
 def test_two_writers_on_one_cache_do_not_lose_or_corrupt_vectors(model_cache_dir):

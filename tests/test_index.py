@@ -110,3 +110,36 @@ def test_gpu_search_matches_cpu():
     i, j, _, info = similar_pairs(vecs, 0.9, k=8, device="cuda")
     assert info.device == "cuda"
     assert set(zip(i.tolist(), j.tolist(), strict=True)) == truth
+
+
+def _components_by_bfs(n: int, edges: list[tuple[int, int]]) -> list[int]:
+    nbrs: list[list[int]] = [[] for _ in range(n)]
+    for a, b in edges:
+        nbrs[a].append(b)
+        nbrs[b].append(a)
+    label = [-1] * n
+    for start in range(n):  # ascending: the first node reached is the component's smallest
+        if label[start] >= 0:
+            continue
+        label[start], todo = start, [start]
+        while todo:
+            for m in nbrs[todo.pop()]:
+                if label[m] < 0:
+                    label[m] = start
+                    todo.append(m)
+    return label
+
+
+def test_connected_components_match_a_graph_search_on_random_and_adversarial_graphs():
+    rng = np.random.default_rng(7)
+    n = 3000
+    perm = rng.permutation(n)
+    chain = [(int(perm[k]), int(perm[k + 1])) for k in range(800)]  # a long path in random order
+    star = [(5, int(m)) for m in rng.choice(n, 50, replace=False)]
+    random_edges = [tuple(int(x) for x in rng.choice(n, 2, replace=False)) for _ in range(1200)]
+    edges = chain + star + random_edges
+    order = rng.permutation(len(edges))
+    i = np.array([edges[k][0] for k in order])
+    j = np.array([edges[k][1] for k in order])
+    assert connected_components(n, i, j).tolist() == _components_by_bfs(n, edges)
+    assert connected_components(4, np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == [0, 1, 2, 3]

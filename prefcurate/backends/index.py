@@ -44,10 +44,16 @@ CPU_EXACT_MAX_ROWS = 10_000
 # A GPU brute-forces 1M x 1M x 768 in about a minute; IVF only past that.
 GPU_EXACT_MAX_ROWS = 1_000_000
 REDUCED_DIM = 64
+# Candidates are checked on this many top components before the full vectors: 1/3 of the bytes
+# gathered, and the tighter bound leaves few pairs for the full re-score.
+FILTER_DIM = 256
 IVF_NPROBE = 8
-_PCA_SAMPLE = 8192
+_PCA_SAMPLE = 4096  # rows for the covariance: the top 64 directions of 768 are stable by then
 _SEARCH_CHUNK = 8192
-_RESCORE_CHUNK = 2048  # queries per exact re-score: 2048 x k x 768 floats gathered (~100 MB)
+_RESCORE_CHUNK = 2048  # queries per search call in the approximate path
+_JOIN_BLOCK = 1 << 20  # distances per GEMM block in the IVF join (4 MB)
+_PAIR_CHUNK = 4096  # candidate pairs per exact re-score: 2 x 12 MB gathered, reused by malloc (a 100 MB
+# gather is a fresh mmap each time, and its page faults cost more than the arithmetic)
 
 
 @dataclass
@@ -58,9 +64,12 @@ class IndexInfo:
     dim: int
     nlist: int | None = None
     nprobe: int | None = None
+    join: bool = False  # all-vs-all IVF join (CPU) instead of a FAISS search per query
 
     def describe(self) -> str:
         extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.nlist else ""
+        if self.join:
+            return f"IVF join on {self.device} ({self.rows} rows, FAISS k-means cells, {self.dim}-d filter{extra})"
         return f"FAISS {self.kind} on {self.device} ({self.rows} rows, {self.dim}-d{extra})"
 
 
@@ -118,9 +127,17 @@ class NeighborIndex:
         self.info = IndexInfo(kind, self.device, n, dim)
         self.exact = kind == "flat"
         self._proj: np.ndarray | None = None
+        self.wide: np.ndarray | None = None  # rows on the top FILTER_DIM components (approximate path)
         if not self.exact and dim > REDUCED_DIM and n > REDUCED_DIM:
             self._fit_projection(_sample(vectors, _PCA_SAMPLE))
-        base = self._reduce(vectors) if not self.exact else np.ascontiguousarray(vectors, dtype=np.float32)
+            if dim > FILTER_DIM:
+                self.wide = _project(vectors, self._wide_proj, self._wide_offset)
+                base = np.ascontiguousarray(self.wide[:, :REDUCED_DIM])
+            else:
+                base = self._reduce(vectors)
+        else:
+            base = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.base = base
         index = self._make(faiss, kind, base.shape[1], n, nprobe)
         if self.device == "cuda":
             self._res = faiss.StandardGpuResources()
@@ -132,19 +149,14 @@ class NeighborIndex:
         self.index = index
 
     def _fit_projection(self, sample: np.ndarray) -> None:
-        """Centered PCA by an eigendecomposition of the sample covariance (dim x dim: cheap)."""
-        sample = sample.astype(np.float64)
-        mean = sample.mean(axis=0)
-        centered = sample - mean
-        _, vecs = np.linalg.eigh(centered.T @ centered)
-        self._proj = np.ascontiguousarray(vecs[:, ::-1][:, :REDUCED_DIM], dtype=np.float32)
-        self._offset = (mean @ self._proj).astype(np.float32)
+        self._wide_proj, self._wide_offset = pca(sample, FILTER_DIM)
+        self._proj = np.ascontiguousarray(self._wide_proj[:, :REDUCED_DIM])
+        self._offset = np.ascontiguousarray(self._wide_offset[:REDUCED_DIM])
 
     def _reduce(self, vectors: np.ndarray) -> np.ndarray:
-        vectors = np.asarray(vectors, dtype=np.float32)
         if self._proj is None:
-            return np.ascontiguousarray(vectors)
-        return np.ascontiguousarray(vectors @ self._proj - self._offset)  # (x - mean) P without a copy of x
+            return np.ascontiguousarray(vectors, dtype=np.float32)
+        return _project(vectors, self._proj, self._offset)
 
     def _make(self, faiss, kind: str, dim: int, n: int, nprobe: int):
         self.info.dim = dim
@@ -154,7 +166,7 @@ class NeighborIndex:
             index = faiss.IndexHNSWFlat(dim, 16, faiss.METRIC_L2)
             index.hnsw.efConstruction, index.hnsw.efSearch = 40, 64
             return index
-        nlist = max(1, min(int(2 * math.sqrt(n)), n // 39 or 1))  # FAISS wants >= 39 training points per list
+        nlist = _nlist(n)
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
         index.cp.niter = 10  # near duplicates need cells, not a converged clustering
         index.nprobe = min(nprobe, nlist)
@@ -167,9 +179,45 @@ class NeighborIndex:
         k = max(1, min(k, self.info.rows))
         if self.info.rows == 0 or len(queries) == 0:
             return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
-        d, ids = self.index.search(self._reduce(queries), k)
-        ok = d >= threshold if self.exact else d <= 2 * (1 - threshold) + 1e-4
+        return self._search(self._reduce(queries), k, threshold)
+
+    def candidates_of_rows(self, start: int, stop: int, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """``candidates`` for the index's own rows ``start:stop`` (no second projection)."""
+        k = max(1, min(k, self.info.rows))
+        return self._search(self.base[start:stop], k, threshold)
+
+    def _search(self, reduced: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        d, ids = self.index.search(reduced, k)
+        ok = d >= threshold if self.exact else d <= _bound(threshold)
         return d, np.where(ok, ids, -1)
+
+
+def pca(sample: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centered PCA: (dim x dims projection, mean @ projection), from an eigendecomposition of
+    the sample covariance (dim x dim: cheap; the product in float32, the eigh in float64)."""
+    mean = sample.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centered = sample - mean
+    _, vecs = np.linalg.eigh((centered.T @ centered).astype(np.float64))
+    proj = np.ascontiguousarray(vecs[:, ::-1][:, : min(dims, sample.shape[1])], dtype=np.float32)
+    return proj, (mean @ proj).astype(np.float32)
+
+
+def _nlist(n: int) -> int:
+    return max(1, min(int(2 * math.sqrt(n)), n // 39 or 1))  # FAISS wants >= 39 training points per list
+
+
+def _bound(threshold: float) -> float:
+    """Squared distance of unit vectors at cosine ``threshold`` (+ float32 slack)."""
+    return 2 * (1 - threshold) + 1e-4
+
+
+def _project(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """(x - mean) P, computed as x P - mean P (no centered copy of x), in bounded chunks."""
+    out = np.empty((len(vectors), proj.shape[1]), np.float32)
+    for start, stop in _chunks(len(vectors), _SEARCH_CHUNK):
+        np.matmul(np.asarray(vectors[start:stop], np.float32), proj, out=out[start:stop])
+        out[start:stop] -= offset
+    return out
 
 
 def _sample(vectors: np.ndarray, size: int) -> np.ndarray:
@@ -197,29 +245,144 @@ def similar_pairs(
     kind: str = "auto",
     progress: ProgressTask | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, IndexInfo]:
-    """All-vs-all: edges (i, j, cosine) with i < j and cosine >= ``threshold``, each edge once."""
+    """All-vs-all: edges (i, j, cosine) with i < j and cosine >= ``threshold``, each edge once.
+
+    Approximate indexes give candidates only; each distinct candidate pair is re-scored once
+    with the full vectors (a pair is usually found from both of its ends)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    where = resolve_index_device(device)
+    if choose_kind(len(vectors), where, kind) == "ivf" and where == "cpu" and vectors.shape[1] > REDUCED_DIM:
+        return _ivf_join(vectors, threshold, k, progress)
     index = NeighborIndex(vectors, device, kind)
     chunk = _SEARCH_CHUNK if index.exact else _RESCORE_CHUNK
-    rows_i, rows_j, sims = [], [], []
+    n = max(1, len(vectors))
+    packed, sims = [], []
     for start, stop in _chunks(len(vectors), chunk):
-        d, ids = index.candidates(vectors[start:stop], k + 1, threshold)  # +1: a vector finds itself
-        src = np.arange(start, stop)[:, None]
-        ids = np.where(ids == src, -1, ids)
-        scores = d if index.exact else _exact_scores(vectors[start:stop], vectors, ids)
-        hit = (ids >= 0) & (scores >= threshold)
-        a, b = np.broadcast_to(src, ids.shape)[hit], ids[hit]
-        rows_i.append(np.minimum(a, b))
-        rows_j.append(np.maximum(a, b))
-        sims.append(scores[hit])
+        d, ids = index.candidates_of_rows(start, stop, k + 1, threshold)  # +1: a vector finds itself
+        q, slot = np.nonzero(ids >= 0)
+        a, b = q + start, ids[q, slot]
+        other = a != b
+        a, b = a[other], b[other]
+        packed.append(np.minimum(a, b) * n + np.maximum(a, b))
+        if index.exact:
+            sims.append(d[q[other], slot[other]])
         if progress is not None:
             progress.advance(stop - start)
-    i = np.concatenate(rows_i) if rows_i else np.zeros(0, np.int64)
-    j = np.concatenate(rows_j) if rows_j else np.zeros(0, np.int64)
-    s = np.concatenate(sims) if sims else np.zeros(0, np.float32)
-    # An edge found from both ends appears twice; keep one (np.unique on the packed pair).
-    _, first = np.unique(i.astype(np.int64) * max(1, len(vectors)) + j, return_index=True)
-    return i[first], j[first], s[first], index.info
+    pairs = np.concatenate(packed) if packed else np.zeros(0, np.int64)
+    pairs, first = np.unique(pairs, return_index=True)
+    i, j = pairs // n, pairs % n
+    if index.exact:
+        s = np.concatenate(sims)[first] if sims else np.zeros(0, np.float32)
+    else:
+        if index.wide is not None:  # a second, tighter projection bound before the full vectors
+            near = pair_sq_distances(index.wide, i, j) <= _bound(threshold)
+            i, j = i[near], j[near]
+        s = pair_cosines(vectors, i, j)
+        hit = s >= threshold
+        i, j, s = i[hit], j[hit], s[hit]
+    return i, j, s.astype(np.float32), index.info
+
+
+def _ivf_join(
+    vectors: np.ndarray, threshold: float, k: int, progress: ProgressTask | None, nprobe: int = IVF_NPROBE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, IndexInfo]:
+    """All-vs-all near pairs on CPU as an IVF *join*: the same cells and probes as a FAISS IVF
+    search, but each cell is compared with every row that probes it in one BLAS product,
+    instead of one query at a time.
+
+    1. Centered PCA to ``FILTER_DIM`` components; k-means (FAISS) on the top ``REDUCED_DIM``
+       gives ``nlist`` cells; each row lives in its nearest cell and probes its ``nprobe``
+       nearest.
+    2. Per cell: squared distances, on the ``FILTER_DIM`` components, between its members and
+       the rows probing it (a GEMM). A pair is a candidate when that distance is within the
+       bound of the threshold (lossless: a projection never lengthens a difference), keeping
+       each row's ``k`` nearest per cell, so one giant cluster cannot flood memory.
+    3. Each distinct candidate pair is re-scored once with the full vectors.
+
+    Measured at 200k static pair vectors (768-d) on 2 cores: 5x faster than FAISS IVFFlat
+    top-k search in 64-d plus re-scoring, with the same or more edges (no global top-k cap).
+    """
+    faiss = _faiss()
+    n, dim = vectors.shape
+    nlist = _nlist(n)
+    nprobe = min(nprobe, nlist)
+    info = IndexInfo("ivf", "cpu", n, min(dim, FILTER_DIM), nlist, nprobe, join=True)
+    proj, offset = pca(_sample(vectors, _PCA_SAMPLE), FILTER_DIM)
+    wide = _project(vectors, proj, offset)
+    coarse = np.ascontiguousarray(wide[:, :REDUCED_DIM])
+    kmeans = faiss.Kmeans(REDUCED_DIM, nlist, niter=10, seed=1234, max_points_per_centroid=40)
+    kmeans.train(_sample(coarse, 40 * nlist))
+    _, probes = kmeans.index.search(coarse, nprobe)  # column 0: the row's own cell
+    del coarse
+    members, member_start = _by_cell(probes[:, 0], nlist)
+    probers, prober_start = _by_cell(probes.ravel(), nlist)
+    probers //= nprobe  # flat position -> row
+    sq = np.einsum("ij,ij->i", wide, wide)
+    bound = _bound(threshold)
+    packed: list[np.ndarray] = []
+    for cell in range(nlist):
+        mem = members[member_start[cell] : member_start[cell + 1]]
+        rows = probers[prober_start[cell] : prober_start[cell + 1]]
+        if not len(mem) or not len(rows):
+            continue
+        mem_t, mem_sq = np.ascontiguousarray(wide[mem].T), sq[mem]
+        step = max(1, _JOIN_BLOCK // len(mem))
+        for start in range(0, len(rows), step):
+            q = rows[start : start + step]
+            d = wide[q] @ mem_t  # in place from here: one cache-sized block, no temporaries
+            d *= -2
+            d += sq[q][:, None]
+            d += mem_sq
+            near = np.flatnonzero(d.min(axis=1) <= bound)  # a fast reduction first: few rows have any
+            qi, mi = np.nonzero(d[near] <= bound)
+            qi = near[qi]
+            a, b = q[qi], mem[mi]
+            other = a != b  # a row is not its own pair
+            qi, a, b = qi[other], a[other], b[other]
+            counts = np.bincount(qi, minlength=len(q))
+            if counts.max(initial=0) > k:  # keep each row's k nearest in this cell
+                qi, a, b = _nearest_k(d, qi, mi[other], a, b, counts, k)
+            packed.append(np.minimum(a, b) * n + np.maximum(a, b))
+        if progress is not None:
+            progress.advance(len(mem))
+    pairs = np.unique(np.concatenate(packed)) if packed else np.zeros(0, np.int64)
+    i, j = pairs // n, pairs % n
+    s = pair_cosines(vectors, i, j)
+    hit = s >= threshold
+    return i[hit], j[hit], s[hit], info
+
+
+def _nearest_k(d, qi, mi, a, b, counts, k):
+    """Of the candidate (a, b) pairs (block positions qi, mi into ``d``), keep at most the
+    ``k`` nearest per query row."""
+    order = np.lexsort((d[qi, mi], qi))  # by row, then by distance
+    starts = np.r_[0, np.cumsum(counts)][qi[order]]
+    rank = np.arange(len(order)) - starts
+    keep = order[rank < k]
+    return qi[keep], a[keep], b[keep]
+
+
+def _by_cell(cells: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions sorted by cell, start offset of each cell) for ``cells`` (ints in [0, nlist))."""
+    order = np.argsort(cells, kind="stable")
+    return order, np.searchsorted(cells[order], np.arange(nlist + 1))
+
+
+def pair_sq_distances(points: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """``|points[i] - points[j]|^2`` row by row, in bounded chunks."""
+    out = np.empty(len(i), np.float32)
+    for start, stop in _chunks(len(i), _PAIR_CHUNK):
+        diff = points[i[start:stop]] - points[j[start:stop]]
+        out[start:stop] = np.einsum("ij,ij->i", diff, diff)
+    return out
+
+
+def pair_cosines(vectors: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """``vectors[i] . vectors[j]`` row by row, gathering a bounded number of rows at a time."""
+    out = np.empty(len(i), np.float32)
+    for start, stop in _chunks(len(i), _PAIR_CHUNK):
+        out[start:stop] = np.einsum("ij,ij->i", vectors[i[start:stop]], vectors[j[start:stop]])
+    return out
 
 
 def nearest(
@@ -243,11 +406,25 @@ def nearest(
 
 
 def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Component label per node of the undirected graph with edges (i, j): union-find's
-    answer, computed by scipy in linear time."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components as _cc
+    """Component label per node of the undirected graph with edges (i, j): the smallest node
+    of its component.
 
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    _, labels = _cc(graph, directed=False)
-    return labels
+    Vectorized union-find (hook every root onto the smaller root across an edge, then jump
+    pointers to the roots; repeat until no edge joins two trees): a few passes over the edges,
+    each pass at least halving the trees of every component that is not yet whole. numpy
+    only, so no scipy import (0.1 s) on the path of every dedupe."""
+    parent = np.arange(n)
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+    while len(i):
+        ri, rj = parent[i], parent[j]
+        apart = ri != rj
+        if not apart.any():
+            break
+        ri, rj, i, j = ri[apart], rj[apart], i[apart], j[apart]
+        np.minimum.at(parent, np.maximum(ri, rj), np.minimum(ri, rj))
+        while True:  # pointer jumping: every node to its root
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+    return parent

@@ -30,6 +30,10 @@ from prefcurate.shards import is_stage_dir, iter_batches
 NORMALIZE_CHOICES = ("case", "whitespace", "nfkc", "punctuation", "none")
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 _KEY = np.dtype("S16")
+# Python's str.split() whitespace (what ``normalizer`` uses), spelled for RE2, which reads \s
+# as ASCII only.
+_BLANKS = r"\t\n\x0b\x0c\r\x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
+_WS_RUN = f"[ {_BLANKS}]{{2,}}|[{_BLANKS}]"
 # JSON fields that hold an evaluation prompt, in order of preference.
 PROMPT_FIELDS = ("prompt", "input", "instruction", "question", "query", "problem", "text")
 
@@ -64,17 +68,21 @@ def normalize_column(values: pa.Array, options: Iterable[str]) -> pa.Array:
         values = pc.utf8_lower(values)
     if "punctuation" in opts:
         values = pc.replace_substring_regex(values, r"[^\pL\pN\pM\s_]", "")
-    if "whitespace" in opts:  # split + join: 2.5x faster than a regex replace here
-        values = pc.binary_join(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(values)), " ")
+    if "whitespace" in opts:
+        # Only what needs changing matches (a run of 2+ blanks, or one that is not a space),
+        # so most of the text is copied through: 3x faster than split + join or r"\s+".
+        values = pc.utf8_trim(pc.replace_substring_regex(values, _WS_RUN, " "), " ")
     return values
 
 
 def _nfkc(values: pa.Array) -> pa.Array:
-    """NFKC leaves ASCII unchanged, so only the (usually few) non-ASCII strings are normalized."""
+    """NFKC leaves ASCII unchanged, so only the non-ASCII strings are normalized, by Python's
+    ``unicodedata`` (6x faster than Arrow's ``utf8_normalize`` on HH-RLHF text)."""
     other = pc.invert(pc.fill_null(pc.string_is_ascii(values), True))
     if not pc.any(other).as_py():
         return values
-    return pc.replace_with_mask(values, other, pc.utf8_normalize(values.filter(other), "NFKC"))
+    fixed = [unicodedata.normalize("NFKC", v) for v in values.filter(other).to_pylist()]
+    return pc.replace_with_mask(values, other, pa.array(fixed, values.type))
 
 
 def render_column(messages: pa.Array, roles: bool) -> pa.Array:
