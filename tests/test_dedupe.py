@@ -344,9 +344,16 @@ def test_arrow_whitespace_folding_matches_str_split_for_every_unicode_blank():
     from prefcurate.stages.dedupe_keys import normalize_column, normalizer
 
     blanks = [chr(c) for c in range(0x3001) if chr(c).isspace()]
-    values = ["a" + b + "b" for b in blanks] + ["".join(blanks) + "x" + "".join(blanks), " x  y ", "", "\u200bzero-width"]
+    values = ["a" + b + "b" for b in blanks] + [
+        "".join(blanks) + "x" + "".join(blanks),
+        " x  y ",
+        "",
+        "\u200bzero-width",
+    ]
     values += [r["chosen"] for r in _hh(30)]
-    for opts in itertools.chain.from_iterable(itertools.combinations(["case", "whitespace", "nfkc"], k) for k in (1, 2, 3)):
+    for opts in itertools.chain.from_iterable(
+        itertools.combinations(["case", "whitespace", "nfkc"], k) for k in (1, 2, 3)
+    ):
         norm = normalizer(opts)
         assert normalize_column(pa.array(values), opts).to_pylist() == [norm(v) for v in values], opts
 

@@ -146,3 +146,24 @@ def test_minilm_on_cuda_matches_cpu(model_cache_dir):
     assert gpu.device == "cuda" and gpu.name == "sentence-transformers/all-MiniLM-L6-v2"
     cpu = get_embedder("minilm", "cpu", model_cache_dir / "cpu")
     np.testing.assert_allclose(gpu.encode(texts), cpu.encode(texts), atol=2e-2)
+
+
+def test_given_keys_match_text_keys_even_with_trailing_zero_bytes(model_cache_dir):
+    """Keys a caller hashed itself (dedupe reads Arrow buffers) hit the same cache entries,
+    including keys whose last byte is zero (numpy's S16 drops it on conversion to bytes)."""
+    import pyarrow as pa
+
+    from prefcurate.backends.embed import text_key
+    from prefcurate.stages.dedupe_keys import utf8_digests
+
+    marker = uuid.uuid4().hex[:8]
+    zero_tail = [t for t in (f"probe {marker} {n}" for n in range(5000)) if text_key(t)[-1] == 0][:3]
+    texts = _texts(40) + zero_tail
+    assert len(zero_tail) == 3
+    keys = utf8_digests(pa.array(texts))
+    assert keys.tobytes() == b"".join(text_key(t) for t in texts)
+    a = get_embedder("static", "cpu", model_cache_dir).encode(texts, keys=keys)
+    second = get_embedder("static", "cpu", model_cache_dir)
+    b = second.encode(texts)  # keys from text_key
+    assert second.stats.encoded == 0 and second.stats.cache_hits == len(texts)
+    np.testing.assert_array_equal(a, b)

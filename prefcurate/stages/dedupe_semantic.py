@@ -16,7 +16,7 @@ import numpy as np
 
 from prefcurate.stages.base import StageContext, StageInput
 from prefcurate.stages.dedupe_groups import KEEP, NEAR, Decisions, cluster_decisions, size_histogram
-from prefcurate.stages.dedupe_keys import EvalSet, part_texts
+from prefcurate.stages.dedupe_keys import EvalSet, part_columns, utf8_digests
 
 PARTS = {"pair": ("prompt", "chosen", "rejected"), "prompt": ("prompt",), "response": ("chosen", "rejected")}
 
@@ -88,15 +88,17 @@ def _embed(source, cfg, ctx, embedder, cand: np.ndarray, parts: tuple[str, ...],
     started = time.perf_counter()
     names = list(dict.fromkeys([*parts, *(["prompt"] if with_prompt else [])]))
     dim = embedder.dim
-    matrix = np.zeros((len(cand), len(names) * dim), np.float32)
+    matrix = np.empty((len(cand), len(names) * dim), np.float32)  # every row is filled below
     task = ctx.progress.task("dedupe: embedding", total=len(cand) * len(names), unit="texts")
     pos = start = 0
     for batch in source.batches(names, cfg.batch_size):
         stop = start + batch.num_rows
         lo, hi = np.searchsorted(cand, [start, stop])
         if hi > lo:
-            texts = part_texts(batch.take(cand[lo:hi] - start), names)
-            flat = embedder.encode([t for part in texts for t in part], progress=task)
+            columns = part_columns(batch.take(cand[lo:hi] - start), names)
+            texts = [t for col in columns for t in col.to_pylist()]
+            keys = np.concatenate([utf8_digests(col) for col in columns])  # = text_key, from Arrow bytes
+            flat = embedder.encode(texts, progress=task, float16=True, keys=keys)
             m = hi - lo
             for k in range(len(names)):
                 matrix[pos : pos + m, k * dim : (k + 1) * dim] = flat[k * m : (k + 1) * m]
