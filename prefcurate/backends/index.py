@@ -41,11 +41,10 @@ import numpy as np
 from prefcurate.errors import InputError, MissingDependency
 from prefcurate.stages.base import ProgressTask
 
-# Crossover measured on this 2-core CPU (shared, loaded machine) with 768-d static pair
-# vectors, k=16, all-vs-all, build included (benchmarks/bench_dedupe.py --index-sweep):
-# 5k rows flat 0.17 s vs PCA+IVF 0.39 s; 10k 0.64 s vs 0.48 s; 20k 3.2 s vs 1.4 s;
-# 50k 37 s vs 4.1 s. Exact search stops paying at ~10k rows.
-CPU_EXACT_MAX_ROWS = 10_000
+# Crossover measured on this 2-core CPU with 768-d static pair vectors, k=16, all-vs-all, build
+# included (benchmarks/bench_dedupe.py --index-sweep): 5k rows flat 0.16 s vs IVF join 0.24 s;
+# 10k 0.57 s vs 0.22 s; 20k 2.22 s vs 0.36 s, the join finding 100% of the exact edges at each.
+CPU_EXACT_MAX_ROWS = 7_000
 # A GPU brute-forces 1M x 1M x 768 in about a minute; IVF only past that.
 GPU_EXACT_MAX_ROWS = 1_000_000
 REDUCED_DIM = 64

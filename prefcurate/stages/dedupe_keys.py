@@ -9,12 +9,14 @@ orientation) and conflicting duplicates (different tie flag) in one sort.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +83,18 @@ def _nfkc(values: pa.Array) -> pa.Array:
     other = pc.invert(pc.fill_null(pc.string_is_ascii(values), True))
     if not pc.any(other).as_py():
         return values
-    fixed = [unicodedata.normalize("NFKC", v) for v in values.filter(other).to_pylist()]
-    return pc.replace_with_mask(values, other, pa.array(fixed, values.type))
+    rows = np.flatnonzero(other.to_numpy(zero_copy_only=False))
+    changed, fixed = [], []
+    for row, text in zip(rows.tolist(), values.filter(other).to_pylist(), strict=True):
+        norm = unicodedata.normalize("NFKC", text)
+        if norm != text:  # most non-ASCII text (curly quotes, accents) is NFKC already
+            changed.append(row)
+            fixed.append(norm)
+    if not changed:
+        return values
+    mask = np.zeros(len(values), bool)
+    mask[changed] = True
+    return pc.replace_with_mask(values, pa.array(mask), pa.array(fixed, values.type))
 
 
 def render_column(messages: pa.Array, roles: bool) -> pa.Array:
@@ -118,9 +130,11 @@ class PairKeys:
 
 
 def pair_keys(batch: pa.RecordBatch, options: Sequence[str], unordered: bool, with_prompts: bool) -> PairKeys:
-    prompt = normalize_column(render_column(batch.column("prompt"), roles=True), options)
-    chosen = normalize_column(render_column(batch.column("chosen"), roles=False), options)
-    rejected = normalize_column(render_column(batch.column("rejected"), roles=False), options)
+    # The three columns on two threads: Arrow's string kernels are single-threaded and release the GIL.
+    prompt, chosen, rejected = _pool().map(
+        lambda name: normalize_column(render_column(batch.column(name), roles=name == "prompt"), options),
+        ("prompt", "chosen", "rejected"),
+    )
     flipped = pc.greater(chosen, rejected) if unordered else pa.array(np.zeros(batch.num_rows, bool))
     first = pc.if_else(flipped, rejected, chosen)
     second = pc.if_else(flipped, chosen, rejected)
@@ -133,6 +147,11 @@ def pair_keys(batch: pa.RecordBatch, options: Sequence[str], unordered: bool, wi
         norm = normalizer(options)
         prompt_hashes = [prompt_digests(p, norm) for p in batch.column("prompt").to_pylist()]
     return PairKeys(groups, flipped.to_numpy(zero_copy_only=False).astype(bool), prompt_hashes)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefcurate-keys")
 
 
 def utf8_digests(values: pa.Array) -> np.ndarray:
@@ -173,7 +192,7 @@ def row_lengths(batch: pa.RecordBatch) -> np.ndarray:
 def part_columns(batch: pa.RecordBatch, columns: Sequence[str]) -> list[pa.Array]:
     """Texts to embed, one string array per message column (content only: roles carry no
     signal here)."""
-    return [render_column(batch.column(name), roles=False) for name in columns]
+    return list(_pool().map(lambda name: render_column(batch.column(name), roles=False), columns))
 
 
 def part_texts(batch: pa.RecordBatch, columns: Sequence[str]) -> list[list[str]]:
