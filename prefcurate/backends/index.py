@@ -330,11 +330,11 @@ def _ivf_join(
         rows = probers[prober_start[cell] : prober_start[cell + 1]]
         if not len(mem) or not len(rows):
             continue
-        mem_t, mem_sq = np.ascontiguousarray(wide[mem].T), sq[mem]
+        mem_w, mem_sq = wide[mem], sq[mem]
         step = max(1, _JOIN_BLOCK // len(mem))
         for start in range(0, len(rows), step):
             q = rows[start : start + step]
-            d = wide[q] @ mem_t  # in place from here: one cache-sized block, no temporaries
+            d = wide[q] @ mem_w.T  # in place from here: one cache-sized block, no temporaries
             d *= -2
             d += sq[q][:, None]
             d += mem_sq

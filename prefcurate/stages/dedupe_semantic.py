@@ -54,8 +54,7 @@ def semantic_pass(
     ctx.progress.note(f"dedupe: embedding with {embedder.name} on {embedder.device}")
     cand = np.flatnonzero(decisions.reason == KEEP)
     parts = PARTS[cfg.on] if cfg.semantic else ()
-    with_prompt = bool(evals.texts) and "prompt" not in parts
-    vectors, prompt_vecs = _embed(source, cfg, ctx, embedder, cand, parts, with_prompt)
+    vectors, prompt_vecs = _embed(source, cfg, ctx, embedder, cand, parts, bool(evals.texts))
     if evals.texts:
         hit, sims, match = _contamination(cfg, ctx, embedder, prompt_vecs, evals, threshold)
         rows = np.zeros(len(decisions.reason), bool)
@@ -79,16 +78,19 @@ def semantic_pass(
     embedder.close()
 
 
-def _embed(source, cfg, ctx, embedder, cand: np.ndarray, parts: tuple[str, ...], with_prompt: bool):
+def _embed(source, cfg, ctx, embedder, cand: np.ndarray, parts: tuple[str, ...], need_prompt: bool):
     """(row vectors for ``parts``, prompt vectors or None), in the order of ``cand``.
 
     One (rows, parts x dim) matrix is filled in place (no per-part copies): at 1M rows the
     768-d static pair vectors are 3 GB, so a second copy would matter.
     """
     started = time.perf_counter()
-    names = list(dict.fromkeys([*parts, *(["prompt"] if with_prompt else [])]))
+    names = list(dict.fromkeys([*parts, *(["prompt"] if need_prompt else [])]))
+    with_prompt = need_prompt and "prompt" not in parts  # an extra block, outside the row vector
     dim = embedder.dim
     matrix = np.empty((len(cand), len(names) * dim), np.float32)  # every row is filled below
+    # Row vectors are the parts' unit vectors over sqrt(#parts); an extra prompt block stays unit.
+    scale = np.array([1 / np.sqrt(len(parts)) if k < len(parts) else 1.0 for k in range(len(names))], np.float32)
     task = ctx.progress.task("dedupe: embedding", total=len(cand) * len(names), unit="texts")
     pos = start = 0
     for batch in source.batches(names, cfg.batch_size):
@@ -100,21 +102,18 @@ def _embed(source, cfg, ctx, embedder, cand: np.ndarray, parts: tuple[str, ...],
             keys = np.concatenate([utf8_digests(col) for col in columns])  # = text_key, from Arrow bytes
             flat = embedder.encode(texts, progress=task, float16=True, keys=keys)
             m = hi - lo
-            for k in range(len(names)):
-                matrix[pos : pos + m, k * dim : (k + 1) * dim] = flat[k * m : (k + 1) * m]
+            for k in range(len(names)):  # float16 -> float32 and the row scale in one pass
+                np.multiply(flat[k * m : (k + 1) * m], scale[k], out=matrix[pos : pos + m, k * dim : (k + 1) * dim])
             pos += m
         start = stop
     ctx.extra["embedding_wall_seconds"] = round(time.perf_counter() - started, 3)
-    prompt = matrix[:, names.index("prompt") * dim :][:, :dim] if "prompt" in names else None
+    prompt = None
+    if need_prompt:  # unit prompt vectors for decontamination
+        k = names.index("prompt")
+        prompt = np.ascontiguousarray(matrix[:, k * dim : (k + 1) * dim]) / scale[k]
     if with_prompt:  # the prompt block is not part of the row vector
-        prompt = np.ascontiguousarray(prompt)
         matrix = matrix[:, : len(parts) * dim]
-    elif prompt is not None:
-        prompt = np.ascontiguousarray(prompt)
-    if not parts:
-        return None, prompt
-    matrix *= np.float32(1 / np.sqrt(len(parts)))
-    return matrix, prompt
+    return (matrix if parts else None), prompt
 
 
 def _contamination(cfg, ctx, embedder, prompt_vecs: np.ndarray, evals: EvalSet, threshold: float):
