@@ -383,3 +383,21 @@ def test_same_answers_to_another_prompt_are_not_a_near_duplicate(tmp_path):
     assert "answers-of-8" not in rejects and "hh8" not in rejects
     _, _, rejects = _run(tmp_path, rows, "nofloor", part_threshold=0.0)
     assert {"answers-of-8", "hh8"} & set(rejects)
+
+
+def test_ivf_join_matches_exact_search_with_decontamination(tmp_path):
+    """--index ivf takes the CPU IVF join; on a set this small it has one cell, so after
+    decontamination removed rows between embedding and search it must give exactly the
+    decisions of exact search."""
+    rows = _planted()
+    rows.append({**rows[3], "id": "para2-of-3", "chosen": _paraphrase(rows[3]["chosen"]) + " ok"})
+    jsonl = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": rows[6]["prompt"]}, {"prompt": rows[20]["prompt"]}])
+    flat_manifest, flat_kept, flat_rejects = _run(tmp_path, rows, "flat", index="flat", against=[jsonl], batch_size=7)
+    ivf_manifest, ivf_kept, ivf_rejects = _run(tmp_path, rows, "ivf", index="ivf", against=[jsonl], batch_size=7)
+    assert ivf_manifest.extra["index_detail"].startswith("IVF join on cpu")
+    assert flat_manifest.extra["index"] == "flat"
+    summary = {k: (v["reject_reason"], v["duplicate_of"]) for k, v in flat_rejects.items()}
+    assert summary == {k: (v["reject_reason"], v["duplicate_of"]) for k, v in ivf_rejects.items()}
+    assert {"row6", "row20"} <= {k for k, v in summary.items() if v[0] == "contaminated"}
+    assert {k for k, v in summary.items() if v[0] == "near-duplicate"} >= {"para-of-3"}
+    assert flat_kept == ivf_kept
