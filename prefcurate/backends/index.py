@@ -215,9 +215,11 @@ def _bound(threshold: float) -> float:
     return 2 * (1 - threshold) + 1e-4
 
 
-def _project(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """(x - mean) P, computed as x P - mean P (no centered copy of x), in bounded chunks."""
-    out = np.empty((len(vectors), proj.shape[1]), np.float32)
+def _project(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(x - mean) P, computed as x P - mean P (no centered copy of x), in bounded chunks,
+    into ``out`` when given (a view, e.g. the leading columns of a wider matrix)."""
+    if out is None:
+        out = np.empty((len(vectors), proj.shape[1]), np.float32)
     for start, stop in _chunks(len(vectors), _SEARCH_CHUNK):
         np.matmul(np.asarray(vectors[start:stop], np.float32), proj, out=out[start:stop])
         out[start:stop] -= offset
@@ -316,7 +318,13 @@ def _ivf_join(
     nprobe = min(nprobe, nlist)
     info = IndexInfo("ivf", "cpu", n, min(dim, FILTER_DIM), nlist, nprobe, join=True)
     proj, offset = pca(_sample(vectors, _PCA_SAMPLE), FILTER_DIM)
-    wide = _project(vectors, proj, offset)
+    width = proj.shape[1]
+    # The rows on the filter components, plus a column of ones: with each cell's members
+    # carrying -|m|^2/2 there, one GEMM gives q.m - |m|^2/2, and |q - m|^2 <= bound reads
+    # q.m - |m|^2/2 >= (|q|^2 - bound)/2: no pass over the block to turn products into distances.
+    wide = np.empty((n, width + 1), np.float32)
+    wide[:, width] = 1
+    _project(vectors, proj, offset, out=wide[:, :width])
     coarse = np.ascontiguousarray(wide[:, :REDUCED_DIM])
     # 5 iterations: cells only route pairs; 3 vs 10 iterations found the same edges at 200k rows
     kmeans = faiss.Kmeans(REDUCED_DIM, nlist, niter=5, seed=1234, max_points_per_centroid=40)
@@ -326,24 +334,22 @@ def _ivf_join(
     members, member_start = _by_cell(probes[:, 0], nlist)
     probers, prober_start = _by_cell(probes.ravel(), nlist)
     probers //= nprobe  # flat position -> row
-    sq = np.einsum("ij,ij->i", wide, wide)
-    bound = _bound(threshold)
+    half = 0.5 * np.einsum("ij,ij->i", wide[:, :width], wide[:, :width])
+    need = half - 0.5 * _bound(threshold)  # a row's least q.m - |m|^2/2 for a candidate pair
     packed: list[np.ndarray] = []
     for cell in range(nlist):
         mem = members[member_start[cell] : member_start[cell + 1]]
         rows = probers[prober_start[cell] : prober_start[cell + 1]]
         if not len(mem) or not len(rows):
             continue
-        mem_w, mem_sq = wide[mem], sq[mem]
+        mem_t = wide[mem].T  # (width + 1, members): the GEMM's right side, as BLAS reads it
+        mem_t[width] = -half[mem]
         step = max(1, _JOIN_BLOCK // len(mem))
         for start in range(0, len(rows), step):
             q = rows[start : start + step]
-            d = wide[q] @ mem_w.T  # in place from here: one cache-sized block, no temporaries
-            d *= -2
-            d += sq[q][:, None]
-            d += mem_sq
-            near = np.flatnonzero(d.min(axis=1) <= bound)  # a fast reduction first: few rows have any
-            qi, mi = np.nonzero(d[near] <= bound)
+            d = wide[q] @ mem_t  # one cache-sized block
+            near = np.flatnonzero(d.max(axis=1) >= need[q])  # a fast reduction first: few rows have any
+            qi, mi = np.nonzero(d[near] >= need[q[near], None])
             qi = near[qi]
             a, b = q[qi], mem[mi]
             other = a != b  # a row is not its own pair
@@ -364,7 +370,7 @@ def _ivf_join(
 def _nearest_k(d, qi, mi, a, b, counts, k):
     """Of the candidate (a, b) pairs (block positions qi, mi into ``d``), keep at most the
     ``k`` nearest per query row."""
-    order = np.lexsort((d[qi, mi], qi))  # by row, then by distance
+    order = np.lexsort((-d[qi, mi], qi))  # by row, then by distance (d grows as the distance shrinks)
     starts = np.r_[0, np.cumsum(counts)][qi[order]]
     rank = np.arange(len(order)) - starts
     keep = order[rank < k]
