@@ -127,6 +127,34 @@ def test_keep_policies(tmp_path, policy, winner):
     assert all(rejects[r]["duplicate_of"] == winner for r in group - {winner})
 
 
+def test_a_later_kept_copy_is_embedded_and_found_as_near_duplicate(tmp_path):
+    """--keep longest keeps a later copy (copy2) than the one the exact pass embedded (row0):
+    its vector comes from the second read, so a paraphrase of row 0 still points at it."""
+    para = {k: _paraphrase(_pairs(1)[0][k]) for k in ("prompt", "chosen", "rejected")}
+    rows = [*_copies(), {"id": "para-of-0", **para, "margin_mean": 0.0}]
+    _, kept, rejects = _run(tmp_path, rows, keep="longest")
+    assert "copy2" in kept and rejects["row0"]["reject_reason"] == "exact-duplicate"
+    assert (rejects["para-of-0"]["reject_reason"], rejects["para-of-0"]["duplicate_of"]) == ("near-duplicate", "copy2")
+    assert set(kept) == {"row1", "row2", "row3", "row4", "row5", "copy2"}
+
+
+def test_exact_copies_kept_by_the_exact_pass_are_near_duplicates(tmp_path):
+    """With --no-exact every copy is embedded; the copies are then near-duplicates (cosine ~1)."""
+    _, kept, rejects = _run(tmp_path, _planted(), exact=False)
+    assert rejects["exact-of-0"]["reject_reason"] == "near-duplicate"
+    assert rejects["exact-of-0"]["duplicate_of"] == "row0" and rejects["exact-of-0"]["similarity"] > 0.95
+    assert "row0" in kept
+
+
+def test_an_unloadable_model_is_one_line_before_any_output(tmp_path, cli):
+    src = make_stage_dir(tmp_path / "in", _pairs(5))
+    result = cli("dedupe", src, "-o", tmp_path / "out", "--model", str(tmp_path / "no-such-model"), "--quiet")
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "could not load embedding model" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_keep_random_is_seeded_and_ignores_row_order(tmp_path):
     rows = _copies()
     _, kept_a, _ = _run(tmp_path, rows, "a", semantic=False, keep="random", seed=7)

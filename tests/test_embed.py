@@ -148,22 +148,42 @@ def test_minilm_on_cuda_matches_cpu(model_cache_dir):
     np.testing.assert_allclose(gpu.encode(texts), cpu.encode(texts), atol=2e-2)
 
 
-def test_given_keys_match_text_keys_even_with_trailing_zero_bytes(model_cache_dir):
-    """Keys a caller hashed itself (dedupe reads Arrow buffers) hit the same cache entries,
-    including keys whose last byte is zero (numpy's S16 drops it on conversion to bytes)."""
+def test_an_arrow_column_hits_the_entries_of_python_strings_even_with_trailing_zero_bytes(model_cache_dir):
+    """Keys hashed from Arrow buffers (what a stage passes) equal ``text_key`` of the Python
+    strings, including keys whose last byte is zero (numpy's S16 drops it on conversion to
+    bytes), so both spellings of the same texts share cache entries."""
     import pyarrow as pa
 
-    from prefcurate.backends.embed import text_key
-    from prefcurate.stages.dedupe_keys import utf8_digests
+    from prefcurate.backends.embed import text_key, text_keys
 
     marker = uuid.uuid4().hex[:8]
     zero_tail = [t for t in (f"probe {marker} {n}" for n in range(5000)) if text_key(t)[-1] == 0][:3]
     texts = _texts(40) + zero_tail
     assert len(zero_tail) == 3
-    keys = utf8_digests(pa.array(texts))
-    assert keys.tobytes() == b"".join(text_key(t) for t in texts)
-    a = get_embedder("static", "cpu", model_cache_dir).encode(texts, keys=keys)
+    assert text_keys(pa.array(texts)).tobytes() == b"".join(text_key(t) for t in texts)
+    first = get_embedder("static", "cpu", model_cache_dir)
+    a = first.encode(pa.array(texts + texts[:5]))
+    assert first.stats.encoded == len(texts) and first.stats.requested == len(texts) + 5
     second = get_embedder("static", "cpu", model_cache_dir)
-    b = second.encode(texts)  # keys from text_key
+    b = second.encode(texts)
     assert second.stats.encoded == 0 and second.stats.cache_hits == len(texts)
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[: len(texts)], b)
+    np.testing.assert_array_equal(a[len(texts) :], b[:5])
+
+
+def test_lone_surrogates_and_nulls_are_encoded_not_refused(model_cache_dir):
+    """Arrow refuses lone surrogates in strings; such Python texts still get a vector, keyed
+    like ``text_key``; a null in an Arrow column embeds as the empty text."""
+    import pyarrow as pa
+
+    from prefcurate.backends.embed import text_key, text_keys
+
+    marker = uuid.uuid4().hex[:8]
+    odd = [f"broken \ud800 surrogate {marker}", f"fine {marker}"]
+    emb = get_embedder("static", "cpu", model_cache_dir)
+    vecs = emb.encode(odd)
+    assert vecs.shape == (2, emb.dim) and emb.stats.encoded == 2
+    binary = pa.array([t.encode("utf-8", "surrogatepass") for t in odd], pa.binary())
+    assert text_keys(binary).tobytes() == b"".join(text_key(t) for t in odd)
+    nulls = emb.encode(pa.array(["", None], pa.string()))
+    np.testing.assert_array_equal(nulls[0], nulls[1])

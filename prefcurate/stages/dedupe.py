@@ -39,13 +39,15 @@ from prefcurate.stages.dedupe_groups import (
     size_histogram,
 )
 from prefcurate.stages.dedupe_keys import (
+    EvalSet,
     digest,
     load_eval_set,
     normalizer,
     pair_keys,
     row_lengths,
 )
-from prefcurate.stages.dedupe_semantic import semantic_pass
+from prefcurate.stages.dedupe_semantic import PARTS, semantic_pass
+from prefcurate.stages.dedupe_vectors import RowVectors
 
 Normalization = Literal["case", "whitespace", "nfkc", "punctuation", "none"]
 # Cosine thresholds per model, from benchmarks/bench_dedupe.py (planted paraphrases found,
@@ -144,25 +146,41 @@ class DedupeStage(Stage):
         eval_hashes: dict[bytes, int] = {}
         for i, text in enumerate(evals.texts):
             eval_hashes.setdefault(digest(norm(text)), i)
-        state = _first_pass(source, cfg, ctx, eval_hashes)
-        decisions, labels = exact_decisions(
-            state.groups,
-            state.orientation,
-            state.tie,
-            state.prio,
-            exact=cfg.exact,
-            swapped=cfg.swapped,
-            drop_conflicts=cfg.drop_conflicts,
-        )
-        ctx.extra["exact_group_sizes"] = size_histogram(labels)
-        mark_contaminated(decisions, labels, state.contaminated, state.contaminated_ref)
+        vectors = None
         if cfg.semantic or evals.texts:
-            semantic_pass(source, cfg, ctx, decisions, labels, state.prio, evals)
-        _follow_chains(decisions)
-        ctx.extra["counts"] = decisions.counts()
-        ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
-        yield from _write_pass(source, cfg, ctx, decisions, state.ids, evals.refs)
-        ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
+            parts = PARTS[cfg.on] if cfg.semantic else ()
+            vectors = RowVectors(cfg, ctx, source.num_rows, parts, need_prompt=bool(evals.texts))
+        yield from _decide_and_write(source, cfg, ctx, evals, eval_hashes, vectors, started)
+
+
+def _decide_and_write(
+    source: StageInput,
+    cfg: DedupeConfig,
+    ctx: StageContext,
+    evals: EvalSet,
+    eval_hashes: dict[bytes, int],
+    vectors: RowVectors | None,
+    started: float,
+) -> Iterator[BatchResult]:
+    state = _first_pass(source, cfg, ctx, eval_hashes, vectors)
+    decisions, labels = exact_decisions(
+        state.groups,
+        state.orientation,
+        state.tie,
+        state.prio,
+        exact=cfg.exact,
+        swapped=cfg.swapped,
+        drop_conflicts=cfg.drop_conflicts,
+    )
+    ctx.extra["exact_group_sizes"] = size_histogram(labels)
+    mark_contaminated(decisions, labels, state.contaminated, state.contaminated_ref)
+    if vectors is not None:
+        semantic_pass(source, cfg, ctx, decisions, labels, state.prio, evals, vectors)
+    _follow_chains(decisions)
+    ctx.extra["counts"] = decisions.counts()
+    ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
+    yield from _write_pass(source, cfg, ctx, decisions, state.ids, evals.refs)
+    ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
 
 
 class _Keys:
@@ -200,7 +218,10 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
-def _first_pass(source: StageInput, cfg: DedupeConfig, ctx: StageContext, eval_index: dict[bytes, int]) -> _State:
+def _first_pass(
+    source: StageInput, cfg: DedupeConfig, ctx: StageContext, eval_index: dict[bytes, int], vectors: RowVectors | None
+) -> _State:
+    """Hash every row (and hand the rows to embed to ``vectors``, which encodes meanwhile)."""
     columns = ["id", "prompt", "chosen", "rejected", "tie"]
     if cfg.keep == "highest-margin":
         if "margin_mean" not in source.columns:
@@ -211,6 +232,8 @@ def _first_pass(source: StageInput, cfg: DedupeConfig, ctx: StageContext, eval_i
         columns.append("margin_mean")
     keys = _Keys()
     task = ctx.progress.task("dedupe: hashing", total=source.num_rows)
+    first_only = cfg.exact  # other --keep policies: their later leaders are re-read (RowVectors.finish)
+    start = 0
     for batch in source.batches(columns, cfg.batch_size):
         pk = pair_keys(batch, cfg.normalize, unordered=cfg.swapped, with_prompts=bool(eval_index))
         keys.ids.append(batch.column("id").cast(pa.string()))
@@ -224,6 +247,9 @@ def _first_pass(source: StageInput, cfg: DedupeConfig, ctx: StageContext, eval_i
         hits = [next((eval_index[h] for h in hs if h in eval_index), -1) for hs in pk.prompt_hashes]
         keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
         keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
+        if vectors is not None:
+            vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only)
+        start += batch.num_rows
         task.advance(batch.num_rows)
     return _State(keys, cfg)
 

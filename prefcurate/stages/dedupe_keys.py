@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from prefcurate.backends.embed import text_keys
 from prefcurate.errors import InputError
 from prefcurate.schema import render_text
 from prefcurate.shards import is_stage_dir, iter_batches
@@ -155,17 +156,9 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def utf8_digests(values: pa.Array) -> np.ndarray:
-    """blake2b-128 of each string's UTF-8 bytes, read straight from the Arrow buffers (the
-    same bytes ``digest`` hashes for one part, minus its separator). Nulls hash as ""."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    values = values.fill_null("")
-    width = np.int64 if pa.types.is_large_string(values.type) else np.int32
-    offsets = np.frombuffer(values.buffers()[1], width)[values.offset : values.offset + len(values) + 1].tolist()
-    data = memoryview(values.buffers()[2] or b"")
-    blake = hashlib.blake2b
-    keys = b"".join([blake(data[a:b], digest_size=16).digest() for a, b in zip(offsets, offsets[1:], strict=False)])
-    return np.frombuffer(keys, dtype=_KEY) if keys else np.zeros(0, _KEY)
+    """blake2b-128 of each string's UTF-8 bytes as S16 (the embedding cache's ``text_key``;
+    the same bytes ``digest`` hashes for one part, minus its separator). Nulls hash as ""."""
+    return text_keys(values).view(_KEY).reshape(-1)
 
 
 def prompt_digests(messages: Sequence[dict[str, str]] | None, norm) -> list[bytes]:

@@ -1,6 +1,7 @@
 """The embedding half of dedupe: near-duplicate clusters and near-contamination.
 
-Only rows still kept after the exact pass are embedded. A row's vector is the concatenation
+Only rows still kept after the exact pass are embedded (``dedupe_vectors``: while that pass
+streams the input, on a worker thread). A row's vector is the concatenation
 of its parts' unit vectors divided by sqrt(#parts), so a dot product between two rows is the
 mean of the per-part cosines: ``--on pair`` needs the prompts and both responses to be close
 on average (so two different answer pairs to one prompt stay apart), and every part must
@@ -16,7 +17,8 @@ import numpy as np
 
 from prefcurate.stages.base import StageContext, StageInput
 from prefcurate.stages.dedupe_groups import KEEP, NEAR, Decisions, cluster_decisions, size_histogram
-from prefcurate.stages.dedupe_keys import EvalSet, part_columns, utf8_digests
+from prefcurate.stages.dedupe_keys import EvalSet
+from prefcurate.stages.dedupe_vectors import RowVectors
 
 PARTS = {"pair": ("prompt", "chosen", "rejected"), "prompt": ("prompt",), "response": ("chosen", "rejected")}
 
@@ -41,20 +43,18 @@ def semantic_pass(
     labels: np.ndarray,
     prio: np.ndarray,
     evals: EvalSet,
+    row_vectors: RowVectors,
 ) -> None:
-    """Embed surviving rows; mark near-contaminated and near-duplicate rows in ``decisions``."""
-    from prefcurate.backends.embed import get_embedder
+    """Finish the surviving rows' vectors; mark near-contaminated and near-duplicate rows in ``decisions``."""
     from prefcurate.stages.dedupe import mark_contaminated
 
-    embedder = get_embedder(cfg.model, cfg.device, ctx.cache_dir)
+    cand = np.flatnonzero(decisions.reason == KEEP)
+    vectors, prompt_vecs = row_vectors.finish(cand, source, cfg.batch_size)
+    embedder = row_vectors.embedder
     threshold, part_threshold = default_thresholds(embedder.name)
     threshold = cfg.threshold or threshold
     part_threshold = part_threshold if cfg.part_threshold is None else cfg.part_threshold
     ctx.extra.update(model=embedder.name, embed_device=embedder.device, threshold=threshold)
-    ctx.progress.note(f"dedupe: embedding with {embedder.name} on {embedder.device}")
-    cand = np.flatnonzero(decisions.reason == KEEP)
-    parts = PARTS[cfg.on] if cfg.semantic else ()
-    vectors, prompt_vecs = _embed(source, cfg, ctx, embedder, cand, parts, bool(evals.texts))
     if evals.texts:
         hit, sims, match = _contamination(cfg, ctx, embedder, prompt_vecs, evals, threshold)
         rows = np.zeros(len(decisions.reason), bool)
@@ -69,6 +69,7 @@ def semantic_pass(
     if cfg.semantic:
         _near_duplicates(cfg, ctx, decisions, prio, cand, vectors, threshold, part_threshold)
     ctx.extra["encode_seconds"] = round(embedder.stats.encode_seconds, 3)
+    ctx.extra["model_seconds"] = round(embedder.stats.model_seconds, 3)
     ctx.extra["texts"] = {
         "requested": embedder.stats.requested,
         "distinct": embedder.stats.distinct,
@@ -76,44 +77,6 @@ def semantic_pass(
         "encoded": embedder.stats.encoded,
     }
     embedder.close()
-
-
-def _embed(source, cfg, ctx, embedder, cand: np.ndarray, parts: tuple[str, ...], need_prompt: bool):
-    """(row vectors for ``parts``, prompt vectors or None), in the order of ``cand``.
-
-    One (rows, parts x dim) matrix is filled in place (no per-part copies): at 1M rows the
-    768-d static pair vectors are 3 GB, so a second copy would matter.
-    """
-    started = time.perf_counter()
-    names = list(dict.fromkeys([*parts, *(["prompt"] if need_prompt else [])]))
-    with_prompt = need_prompt and "prompt" not in parts  # an extra block, outside the row vector
-    dim = embedder.dim
-    matrix = np.empty((len(cand), len(names) * dim), np.float32)  # every row is filled below
-    # Row vectors are the parts' unit vectors over sqrt(#parts); an extra prompt block stays unit.
-    scale = np.array([1 / np.sqrt(len(parts)) if k < len(parts) else 1.0 for k in range(len(names))], np.float32)
-    task = ctx.progress.task("dedupe: embedding", total=len(cand) * len(names), unit="texts")
-    pos = start = 0
-    for batch in source.batches(names, cfg.batch_size):
-        stop = start + batch.num_rows
-        lo, hi = np.searchsorted(cand, [start, stop])
-        if hi > lo:
-            columns = part_columns(batch.take(cand[lo:hi] - start), names)
-            texts = [t for col in columns for t in col.to_pylist()]
-            keys = np.concatenate([utf8_digests(col) for col in columns])  # = text_key, from Arrow bytes
-            flat = embedder.encode(texts, progress=task, float16=True, keys=keys)
-            m = hi - lo
-            for k in range(len(names)):  # float16 -> float32 and the row scale in one pass
-                np.multiply(flat[k * m : (k + 1) * m], scale[k], out=matrix[pos : pos + m, k * dim : (k + 1) * dim])
-            pos += m
-        start = stop
-    ctx.extra["embedding_wall_seconds"] = round(time.perf_counter() - started, 3)
-    prompt = None
-    if need_prompt:  # unit prompt vectors for decontamination
-        k = names.index("prompt")
-        prompt = np.ascontiguousarray(matrix[:, k * dim : (k + 1) * dim]) / scale[k]
-    if with_prompt:  # the prompt block is not part of the row vector
-        matrix = matrix[:, : len(parts) * dim]
-    return (matrix if parts else None), prompt
 
 
 def _contamination(cfg, ctx, embedder, prompt_vecs: np.ndarray, evals: EvalSet, threshold: float):
