@@ -29,7 +29,6 @@ cache opens with more than ``_MAX_SEGMENTS``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import shutil
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 from prefcurate.errors import InputError, MissingDependency
 from prefcurate.stages.base import ProgressTask, default_cache_dir
@@ -54,6 +54,7 @@ STATIC_VERSION = 1  # bump when the distillation recipe changes: it is part of t
 # found 96.9% of the planted paraphrases (precision 0.996) at 9,600 texts/s, MiniLM 93.4%
 # (precision 1.0) at 92 texts/s.
 CPU_DEFAULT = "static"
+KEY_SCHEME = "xxh3"  # how text_key hashes: part of each cache directory's name
 _CHECKPOINT_TEXTS = 65_536  # fresh vectors saved as a segment at least this often
 _SMALL_SEGMENT = 8192  # segments below this many texts are merged when there are too many
 _MAX_SEGMENTS = 16
@@ -72,8 +73,14 @@ class EmbedStats:
 
 
 def text_key(text: str) -> bytes:
-    """A text's cache key: blake2b-128 of its UTF-8 bytes (``text_keys`` for a column)."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    """A text's cache key: XXH3-128 of its UTF-8 bytes (``text_keys`` for a column).
+
+    Why XXH3 and not blake2b: a cache key needs no resistance to a crafted collision, and
+    XXH3 hashes a 400-byte text in a fifth of blake2b's time (35k HH-RLHF texts: 4.8 ms vs
+    36 ms), which at the static model's speed was 1% of a dedupe. Its output is canonical
+    (big-endian), so keys are the same on every platform; the scheme is part of the cache's
+    directory name (``KEY_SCHEME``), so caches of another scheme are never mixed in."""
+    return xxhash.xxh3_128_digest(text.encode("utf-8", "surrogatepass"))
 
 
 def text_keys(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -86,8 +93,8 @@ def text_keys(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     offsets = np.frombuffer(values.buffers()[1], np.int64 if wide else np.int32)
     offsets = offsets[values.offset : values.offset + len(values) + 1].tolist()
     data = memoryview(values.buffers()[2] or b"")
-    blake = hashlib.blake2b
-    keys = b"".join([blake(data[a:b], digest_size=16).digest() for a, b in zip(offsets, offsets[1:], strict=False)])
+    xxh = xxhash.xxh3_128_digest
+    keys = b"".join([xxh(data[a:b]) for a, b in zip(offsets, offsets[1:], strict=False)])
     return np.frombuffer(keys, np.uint64).reshape(-1, 2) if keys else np.zeros((0, 2), np.uint64)
 
 
@@ -250,7 +257,7 @@ class Embedder:
     def __init__(self, cache_dir: Path | None) -> None:
         root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "embeddings"
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
-        self.cache = EmbeddingCache(root / safe, self.dim)
+        self.cache = EmbeddingCache(root / f"{safe}.{KEY_SCHEME}", self.dim)
         self.stats = EmbedStats()
 
     def encode(

@@ -1,17 +1,20 @@
 """dedupe: exact, swapped, conflicting and semantic near-duplicates, and decontamination.
 
-A global stage in three passes over the input, each reading only what it needs:
+A global stage in two passes over the input, each reading only what it needs:
 
 1. keys (id, prompt, chosen, rejected, tie[, margin_mean]): normalized hashes decide exact,
    swapped and conflicting duplicates and exact contamination; nothing else is kept in
-   memory but a 16-byte key and a few numbers per row.
-2. embeddings, only for the rows that survived pass 1: each part (prompt, chosen, rejected)
-   is embedded on its own and the parts' unit vectors are concatenated and scaled, so the
-   inner product of two rows is the *mean* of their per-part cosines. Embedding the parts
-   apart (instead of one concatenated text) keeps a long prompt from drowning the responses
-   (MiniLM truncates at 256 tokens), and a prompt shared by many pairs is embedded once.
-   FAISS finds neighbours >= threshold; connected components of that graph are clusters.
-3. the whole rows, streamed and split into data/ and rejects/ by the decisions.
+   memory but a 16-byte key and a few numbers per row. As the batches go by, the rows that
+   survive so far are embedded (``dedupe_vectors``): each part (prompt, chosen, rejected)
+   on its own, the parts' unit vectors concatenated and scaled, so the inner product of two
+   rows is the *mean* of their per-part cosines. Embedding the parts apart (instead of one
+   concatenated text) keeps a long prompt from drowning the responses (MiniLM truncates at
+   256 tokens), and a prompt shared by many pairs is embedded once. FAISS then finds
+   neighbours >= threshold; connected components of that graph are clusters.
+2. the whole rows, streamed and split into data/ and rejects/ by the decisions.
+
+Why one pass for keys and texts instead of a pass each: the texts are what dominates the
+reading, and on an input larger than the page cache a second read is a second trip to disk.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from prefcurate.stages.dedupe_groups import (
     size_histogram,
 )
 from prefcurate.stages.dedupe_keys import (
-    EvalSet,
     digest,
     load_eval_set,
     normalizer,
@@ -150,37 +152,25 @@ class DedupeStage(Stage):
         if cfg.semantic or evals.texts:
             parts = PARTS[cfg.on] if cfg.semantic else ()
             vectors = RowVectors(cfg, ctx, source.num_rows, parts, need_prompt=bool(evals.texts))
-        yield from _decide_and_write(source, cfg, ctx, evals, eval_hashes, vectors, started)
-
-
-def _decide_and_write(
-    source: StageInput,
-    cfg: DedupeConfig,
-    ctx: StageContext,
-    evals: EvalSet,
-    eval_hashes: dict[bytes, int],
-    vectors: RowVectors | None,
-    started: float,
-) -> Iterator[BatchResult]:
-    state = _first_pass(source, cfg, ctx, eval_hashes, vectors)
-    decisions, labels = exact_decisions(
-        state.groups,
-        state.orientation,
-        state.tie,
-        state.prio,
-        exact=cfg.exact,
-        swapped=cfg.swapped,
-        drop_conflicts=cfg.drop_conflicts,
-    )
-    ctx.extra["exact_group_sizes"] = size_histogram(labels)
-    mark_contaminated(decisions, labels, state.contaminated, state.contaminated_ref)
-    if vectors is not None:
-        semantic_pass(source, cfg, ctx, decisions, labels, state.prio, evals, vectors)
-    _follow_chains(decisions)
-    ctx.extra["counts"] = decisions.counts()
-    ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
-    yield from _write_pass(source, cfg, ctx, decisions, state.ids, evals.refs)
-    ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
+        state = _first_pass(source, cfg, ctx, eval_hashes, vectors)
+        decisions, labels = exact_decisions(
+            state.groups,
+            state.orientation,
+            state.tie,
+            state.prio,
+            exact=cfg.exact,
+            swapped=cfg.swapped,
+            drop_conflicts=cfg.drop_conflicts,
+        )
+        ctx.extra["exact_group_sizes"] = size_histogram(labels)
+        mark_contaminated(decisions, labels, state.contaminated, state.contaminated_ref)
+        if vectors is not None:
+            semantic_pass(source, cfg, ctx, decisions, labels, state.prio, evals, vectors)
+        _follow_chains(decisions)
+        ctx.extra["counts"] = decisions.counts()
+        ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
+        yield from _write_pass(source, cfg, ctx, decisions, state.ids, evals.refs)
+        ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
 
 
 class _Keys:
@@ -221,7 +211,7 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
 def _first_pass(
     source: StageInput, cfg: DedupeConfig, ctx: StageContext, eval_index: dict[bytes, int], vectors: RowVectors | None
 ) -> _State:
-    """Hash every row (and hand the rows to embed to ``vectors``, which encodes meanwhile)."""
+    """Hash every row, and hand the rows to embed to ``vectors`` as they go by."""
     columns = ["id", "prompt", "chosen", "rejected", "tie"]
     if cfg.keep == "highest-margin":
         if "margin_mean" not in source.columns:

@@ -1,7 +1,7 @@
 """The embedding half of dedupe: near-duplicate clusters and near-contamination.
 
-Only rows still kept after the exact pass are embedded (``dedupe_vectors``: while that pass
-streams the input, on a worker thread). A row's vector is the concatenation
+Only rows still kept after the exact pass are embedded (``dedupe_vectors``: as that pass
+streams the input). A row's vector is the concatenation
 of its parts' unit vectors divided by sqrt(#parts), so a dot product between two rows is the
 mean of the per-part cosines: ``--on pair`` needs the prompts and both responses to be close
 on average (so two different answer pairs to one prompt stay apart), and every part must

@@ -5,17 +5,18 @@ to ``RowVectors.feed``, which encodes them at once: rows whose exact group key i
 seen before and that are not exactly contaminated (every such row when exact duplicates are
 kept). Under ``--keep first`` (the default) these are exactly the rows the exact pass keeps,
 and the texts are read once instead of twice (on an input larger than the page cache, the
-second read was a second trip to disk). The model loads on a thread while the first batch is hashed.
+second read was a second trip to disk).
 
 Tried and dropped: encoding on a worker thread while the pass hashes on. The static
 encoder keeps ~1.5 of 2 cores busy and holds the GIL for its pooling, so the pass's work
 slowed it by about what it saved (20k rows, 6 interleaved runs each: median total 8.21 s
-threaded vs 8.32 s serial, with the ratio to encoding alone no better).
+threaded vs 8.32 s for the two-pass serial code, within the noise, and the median ratio to
+encoding alone worse, 1.30 vs 1.16).
 
 ``finish`` then embeds the rows the exact pass kept that were not provisional (another
-``--keep`` policy picked a later row, a disabled reason kept a duplicate, or two group keys
-agreed on 64 bits) in a short second pass over only the batches that hold them, and returns
-the vectors in row order. Provisional rows the pass removed are dropped.
+``--keep`` policy picked a later row of its group, or two group keys agreed on 64 bits) in
+a short second pass over only the batches that hold them, and returns the vectors in row
+order. Provisional rows the pass removed are dropped.
 
 Layout: one (rows, names x dim) float32 matrix, filled in place. A row vector is its parts'
 unit vectors over sqrt(#parts), so a dot product is the mean per-part cosine; an extra
@@ -24,7 +25,6 @@ prompt block (decontamination with ``--on response``) stays unit and outside the
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -49,36 +49,10 @@ class RowVectors:
         self._seen: set[int] = set()
         self._started = time.perf_counter()
         self._task = ctx.progress.task("dedupe: embedding", total=n_rows * len(self.names), unit="texts")
-        self._loaded = None
-        self._error: BaseException | None = None
-        # A daemon thread, not an executor: a run that fails meanwhile exits without waiting
-        # for a first-use distillation (~20 s).
-        self._loader = threading.Thread(
-            target=self._load, args=(cfg.model, cfg.device, ctx.cache_dir), daemon=True, name="prefcurate-embedder"
-        )
-        self._loader.start()
-
-    def _load(self, model: str, device: str, cache_dir) -> None:
         from prefcurate.backends.embed import get_embedder
 
-        try:
-            self._loaded = get_embedder(model, device, cache_dir)
-        except BaseException as exc:  # raised on the stage's thread by check() / embedder
-            self._error = exc
-
-    def check(self) -> None:
-        """Raise the model load's error (a bad --model) as soon as there is one."""
-        if self._error is not None:
-            raise self._error
-
-    @property
-    def embedder(self):
-        if self._loader.is_alive():
-            self._loader.join()
-            self.check()
-            self._ctx.progress.note(f"dedupe: embedding with {self._loaded.name} on {self._loaded.device}")
-        self.check()
-        return self._loaded
+        self.embedder = get_embedder(cfg.model, cfg.device, ctx.cache_dir)  # a bad --model fails before any work
+        ctx.progress.note(f"dedupe: embedding with {self.embedder.name} on {self.embedder.device}")
 
     def feed(
         self, batch: pa.RecordBatch, start: int, group_keys: np.ndarray, skip: np.ndarray, first_only: bool
@@ -86,7 +60,6 @@ class RowVectors:
         """Encode the provisional rows of ``batch`` (global rows from ``start``): all rows but
         ``skip`` (exactly contaminated), or with ``first_only`` (exact duplicates removed) only
         the first row of each exact group key (S16) seen so far."""
-        self.check()
         if first_only:
             seen = self._seen
             rows = []
