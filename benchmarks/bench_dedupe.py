@@ -166,8 +166,11 @@ def run_stage(stage_in: Path, out: Path, cache: Path, **options) -> tuple[float,
     return time.perf_counter() - started, manifest.extra
 
 
-def encode_only(model: str, stage_in: Path, cache: Path, device: str = "auto") -> tuple[float, int]:
-    """Seconds to embed the same texts with the same model, nothing else (no cache, no I/O)."""
+def encode_only(model: str, stage_in: Path, cache: Path, device: str = "auto", library: bool = False):
+    """Seconds to embed the same texts with the same model, nothing else (no cache, no I/O):
+    through the embedder the stage uses, or with ``library`` through model2vec's own
+    ``StaticModel.encode`` (the static model's reference implementation, which the
+    embedder's pooling replaces)."""
     from prefcurate.backends.embed import get_embedder
     from prefcurate.schema import render_text
 
@@ -175,10 +178,16 @@ def encode_only(model: str, stage_in: Path, cache: Path, device: str = "auto") -
     texts = list(dict.fromkeys(render_text(m) for col in table.columns for m in col.to_pylist()))
     embedder = get_embedder(model, device, cache)
     texts.sort(key=len)
-    started = time.perf_counter()
     bs = embedder.default_batch_size
+
+    def encode(batch: list[str]) -> object:
+        if library:
+            return embedder.model.encode(batch, use_multiprocessing=False, batch_size=len(batch))
+        return embedder._encode_batch(batch)
+
+    started = time.perf_counter()
     for i in range(0, len(texts), bs):
-        embedder._encode_batch(texts[i : i + bs])
+        encode(texts[i : i + bs])
     return time.perf_counter() - started, len(texts)
 
 
@@ -201,6 +210,7 @@ def bench_size(n: int, model: str, work: Path, device: str = "auto", repeat: int
         totals.append(total)
         encodes.append(enc)
         in_run.append(total / extra["model_seconds"])
+    library = encode_only(model, stage_in, cache, device, library=True)[0] if model in ("static", "auto") else None
     quality = score(work / f"out-{n}", group, kinds)
     rerun, extra2 = run_stage(stage_in, work / f"out-{n}-b", cache, model=model, device=device, threshold=0.97)
     total, enc = float(np.median(totals)), float(np.median(encodes))
@@ -221,6 +231,8 @@ def bench_size(n: int, model: str, work: Path, device: str = "auto", repeat: int
                 "encode_only_texts": n_texts,
                 "ratio_total_to_encode": round(total / enc, 3),
                 "in_run_ratio": round(float(np.median(in_run)), 3),
+                "model2vec_encode_only_s": library and round(library, 2),
+                "ratio_total_to_model2vec_encode": library and round(total / library, 3),
                 "search_s": extra.get("search_seconds"),
                 "rerun_threshold_change_s": round(rerun, 2),
                 "rerun_texts_encoded": extra2["texts"]["encoded"],

@@ -187,3 +187,19 @@ def test_lone_surrogates_and_nulls_are_encoded_not_refused(model_cache_dir):
     assert text_keys(binary).tobytes() == b"".join(text_key(t) for t in odd)
     nulls = emb.encode(pa.array(["", None], pa.string()))
     np.testing.assert_array_equal(nulls[0], nulls[1])
+
+
+def test_static_pooling_matches_model2vec_encode(model_cache_dir):
+    """The stage's own mean pooling gives model2vec's vectors: same tokens (character cut,
+    truncation, unknown tokens dropped), same mean, for short, long and token-less texts."""
+    from prefcurate.backends.embed import _normalize
+
+    emb = get_embedder("static", "cpu", model_cache_dir)
+    assert emb._table is not None  # the distilled model has no token weights: the fast path
+    rows = hh_rows(40)
+    texts = [r["chosen"] for r in rows] + [r["rejected"][:40] for r in rows]
+    texts += ["", "   ", "x" * 300, " ".join(r["chosen"] for r in rows)]  # empty, one unknown token, > 512 tokens
+    ours = emb._encode_batch(texts)
+    theirs = _normalize(np.asarray(emb.model.encode(texts, use_multiprocessing=False), np.float32))
+    np.testing.assert_allclose(ours, theirs, atol=2e-3)
+    assert not ours[-4:-1].any() and np.linalg.norm(ours[-1]) > 0.99

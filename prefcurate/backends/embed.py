@@ -321,7 +321,16 @@ class Embedder:
 
 
 class StaticEmbedder(Embedder):
-    """model2vec static embeddings (CPU; a GPU would not make a lookup-and-mean faster)."""
+    """model2vec static embeddings (CPU; a GPU would not make a lookup-and-mean faster).
+
+    Why the pooling is done here rather than by ``StaticModel.encode``: a static model's
+    vector is the mean of its tokens' rows, and model2vec gathers those rows into one dense
+    array per text length and filters unknown tokens in a Python loop per text, which on
+    HH-RLHF texts was a third of its time. Here the model's own tokenizer (same truncation,
+    same character cut) feeds one sparse (texts x vocabulary) count matrix times the table:
+    35k texts of one 16k-row batch 6.8-7.4 s -> 4.4-4.7 s on 2 cores, cosine >= 0.9998 to
+    model2vec's vectors (which it rounds to float16). A model with token weights or a token
+    mapping goes through model2vec as before."""
 
     default_batch_size = 4096
 
@@ -330,11 +339,45 @@ class StaticEmbedder(Embedder):
 
         self.model = StaticModel.from_pretrained(path, normalize=True, force_download=False)
         self.name, self.dim, self.device = name, int(self.model.dim), "cpu"
+        self._table: np.ndarray | None = None
+        if getattr(self.model, "weights", None) is None and getattr(self.model, "token_mapping", None) is None:
+            import scipy.sparse  # noqa: F401  (imported with the model, not on the first batch)
+
+            self._table = np.asarray(self.model.embedding, np.float32)
         super().__init__(cache_dir)
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
-        vecs = self.model.encode(texts, use_multiprocessing=False, batch_size=len(texts) or 1)
-        return _normalize(np.asarray(vecs, dtype=np.float32))
+        if self._table is None:
+            vecs = self.model.encode(texts, use_multiprocessing=False, batch_size=len(texts) or 1)
+            return _normalize(np.asarray(vecs, dtype=np.float32))
+        return _normalize(_mean_pool(self.model, self._table, texts))
+
+
+def _mean_pool(model: Any, table: np.ndarray, texts: list[str]) -> np.ndarray:
+    """Mean of each text's token rows of ``table``, tokenized as ``StaticModel.encode``
+    tokenizes (texts cut at max_length x median token length characters, the tokenizer
+    truncating at max_length, no special tokens, unknown tokens dropped); zeros for a text
+    without tokens."""
+    import itertools
+
+    import scipy.sparse as sparse
+
+    max_length = getattr(model, "max_length", None)
+    cut = max_length * getattr(model, "median_token_length", 0) if max_length else 0
+    if cut:
+        texts = [t[:cut] for t in texts]
+    ids = [e.ids for e in model.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
+    rows = np.repeat(np.arange(len(ids)), lengths)
+    if getattr(model, "unk_token_id", None) is not None:
+        known = flat != model.unk_token_id
+        flat, rows = flat[known], rows[known]
+        lengths = np.bincount(rows, minlength=len(ids))
+    counts = sparse.csr_matrix(
+        (np.ones(len(flat), np.float32), flat, np.r_[0, np.cumsum(lengths)]), shape=(len(ids), len(table))
+    )
+    return np.asarray(counts @ table) / np.maximum(lengths, 1)[:, None].astype(np.float32)
 
 
 class TransformerEmbedder(Embedder):
