@@ -8,6 +8,7 @@ share of rows is planted as duplicates of a random earlier row: paraphrase-like 
 normalization (case + whitespace) and swapped copies. The truth is known per row.
 
     python benchmarks/bench_dedupe.py                      # 20k + 200k static, MiniLM at 2k
+    python benchmarks/bench_dedupe.py --sizes 20000 --minilm-rows 0 --repeat 5   # medians of 5 runs
     python benchmarks/bench_dedupe.py --sizes 20000 --minilm-rows 0
     python benchmarks/bench_dedupe.py --calibrate          # precision/recall per threshold per model
     python benchmarks/bench_dedupe.py --index-sweep        # flat vs IVF vs HNSW time and recall
