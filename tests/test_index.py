@@ -81,6 +81,22 @@ def test_a_cluster_larger_than_k_stays_one_component():
     assert len(set(labels[:60].tolist())) == 1 and len(set(labels[60:].tolist())) == 100
 
 
+def test_ivf_join_keeps_each_rows_nearest_when_a_cell_holds_more_than_k():
+    """40 rows at graded distances from one centre, among 9,000 unrelated ones: each row has
+    more than k candidates in its cell, and the join must keep its k *nearest*, i.e. every
+    link the exact search (also capped at k per row) finds."""
+    rng = np.random.default_rng(3)
+    center = _unit(rng.normal(size=128))
+    graded = np.linspace(0.05, 0.3, 40)[:, None]
+    members = _unit(center + graded * _unit(rng.normal(size=(40, 128))))
+    vecs = np.concatenate([_unit(rng.normal(size=(9_000, 128))), members])
+    exact = similar_pairs(vecs, 0.9, k=4, device="cpu", kind="flat")
+    joined = similar_pairs(vecs, 0.9, k=4, device="cpu", kind="ivf")
+    assert joined[3].join  # the IVF join, not a FAISS search
+    exact_edges = set(zip(exact[0].tolist(), exact[1].tolist(), strict=True))
+    assert exact_edges and exact_edges <= set(zip(joined[0].tolist(), joined[1].tolist(), strict=True))
+
+
 def test_nearest_returns_best_base_row_per_query():
     vecs, truth = _planted(300, 10)
     pairs = sorted(truth)

@@ -51,7 +51,7 @@ MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 STATIC_PCA_DIMS = 256
 STATIC_VERSION = 1  # bump when the distillation recipe changes: it is part of the model name
 # The CPU default, from benchmarks/bench_dedupe.py at 20k rows on 2 cores: the static model
-# found 96.9% of the planted paraphrases (precision 0.996) at 9,600 texts/s, MiniLM 93.4%
+# found 96.8% of the planted paraphrases (precision 0.996) at ~7,300 texts/s, MiniLM 93.4%
 # (precision 1.0) at 92 texts/s.
 CPU_DEFAULT = "static"
 KEY_SCHEME = "xxh3"  # how text_key hashes: part of each cache directory's name
@@ -174,10 +174,9 @@ class EmbeddingCache:
     def _sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(first halves sorted, second halves, segment, row), in that order."""
         if self._index is None:
-            segments = self._keys
-            keys = np.concatenate(segments) if segments else np.zeros((0, 2), np.uint64)
-            seg = np.repeat(np.arange(len(segments), dtype=np.int32), [len(k) for k in segments])
-            row = np.concatenate([np.arange(len(k)) for k in segments]) if segments else np.zeros(0, np.int64)
+            keys = np.concatenate(self._keys) if self._keys else np.zeros((0, 2), np.uint64)
+            seg = np.repeat(np.arange(len(self._keys), dtype=np.int32), [len(k) for k in self._keys])
+            row = np.concatenate([np.arange(len(k)) for k in self._keys]) if self._keys else np.zeros(0, np.int64)
             order = np.argsort(keys[:, 0], kind="stable")
             self._index = (keys[order, 0], keys[order, 1], seg[order], row[order])
         return self._index
@@ -328,7 +327,7 @@ class StaticEmbedder(Embedder):
     array per text length and filters unknown tokens in a Python loop per text, which on
     HH-RLHF texts was a third of its time. Here the model's own tokenizer (same truncation,
     same character cut) feeds one sparse (texts x vocabulary) count matrix times the table:
-    35k texts of one 16k-row batch 6.8-7.4 s -> 4.4-4.7 s on 2 cores, cosine >= 0.9998 to
+    35k texts of one 16k-row batch 6.5 s -> 4.4 s on 2 cores, cosine >= 0.9998 to
     model2vec's vectors (which it rounds to float16). A model with token weights or a token
     mapping goes through model2vec as before."""
 
