@@ -233,6 +233,18 @@ def test_decontamination_against_jsonl_txt_and_stage_dir(tmp_path):
     assert rejects["row10"]["duplicate_of"] == "e1"
 
 
+def test_on_response_with_decontamination_keeps_the_prompt_out_of_the_row_vector(tmp_path):
+    """--on response with --against: prompts are embedded too (for contamination), but rows
+    are compared on their responses only."""
+    rows = _pairs(20)
+    rows.append({**rows[3], "id": "answers-of-3", "prompt": rows[12]["prompt"]})  # same answers, other prompt
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": _paraphrase(rows[8]["prompt"]) + " Thanks!"}])
+    _, kept, rejects = _run(tmp_path, rows, on="response", against=[evals])
+    assert rejects["row8"]["reject_reason"] == "contaminated" and rejects["row8"]["duplicate_of"] == "eval.jsonl:1"
+    assert rejects["answers-of-3"]["reject_reason"] == "near-duplicate" and rejects["answers-of-3"]["similarity"] > 0.99
+    assert "row3" in kept and "row12" in kept
+
+
 def test_second_run_encodes_nothing(tmp_path):
     marker = uuid.uuid4().hex  # texts no other test has cached
     rows = [{**r, "prompt": f"{r['prompt']} [{marker}]"} for r in _pairs(20)]
