@@ -41,6 +41,9 @@ class RowVectors:
     def __init__(self, cfg, ctx: StageContext, n_rows: int, parts: tuple[str, ...], need_prompt: bool) -> None:
         self.names = list(dict.fromkeys([*parts, *(["prompt"] if need_prompt else [])]))
         self.n_parts = len(parts)
+        # Per block of a row: the parts' unit vectors over sqrt(#parts); an extra prompt block stays unit.
+        blocks = [len(parts) ** -0.5 if k < len(parts) else 1.0 for k in range(len(self.names))]
+        self._scale = np.array(blocks, np.float32)
         self.need_prompt = need_prompt
         self.n_rows = n_rows
         self.matrix: np.ndarray | None = None
@@ -82,15 +85,10 @@ class RowVectors:
         if self.matrix is None:  # a slot per input row at most: provisional + re-read rows <= rows
             self.matrix = np.empty((max(1, self.n_rows), len(self.names) * dim), np.float32)
         flat = embedder.encode(_texts(batch, self.names), progress=self._task, float16=True)
-        scale = self._scale()
         for k in range(len(self.names)):  # float16 -> float32 and the row scale in one pass
             block = self.matrix[slot : slot + count, k * dim : (k + 1) * dim]
-            np.multiply(flat[k * count : (k + 1) * count], scale[k], out=block)
+            np.multiply(flat[k * count : (k + 1) * count], self._scale[k], out=block)
         self._slots += count
-
-    def _scale(self) -> np.ndarray:
-        parts = self.n_parts
-        return np.array([1 / np.sqrt(parts) if k < parts else 1.0 for k in range(len(self.names))], np.float32)
 
     # -- after the exact pass --------------------------------------------------------------
     def finish(
@@ -114,7 +112,7 @@ class RowVectors:
         prompt = None
         if self.need_prompt:
             k = self.names.index("prompt")
-            prompt = np.ascontiguousarray(matrix[:, k * dim : (k + 1) * dim]) / self._scale()[k]
+            prompt = np.ascontiguousarray(matrix[:, k * dim : (k + 1) * dim]) / self._scale[k]
         if not self.n_parts:
             return None, prompt
         return matrix[:, : self.n_parts * dim], prompt
@@ -137,7 +135,7 @@ class RowVectors:
         row is never after its source, so no source is overwritten before it is read): no
         second matrix, which at 1M rows would be another 3 GB."""
         if self.matrix is None:
-            return np.zeros((len(src), len(self.names) * (self.embedder.dim if self.embedder else 0)), np.float32)
+            return np.zeros((len(src), len(self.names) * self.embedder.dim), np.float32)
         if len(src) and np.all(src[1:] > src[:-1]):
             for lo in range(0, len(src), 8192):
                 part = src[lo : lo + 8192]
