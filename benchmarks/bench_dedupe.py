@@ -258,7 +258,9 @@ def warm_imports(model: str, device: str, work: Path) -> None:
     the model from disk stays inside the stage's time. pyarrow imports pandas on its first
     conversion from Python objects (~0.2 s once per process, whatever the row count): warmed
     here too."""
-    import faiss  # noqa: F401
+    from prefcurate.backends.index import _faiss
+
+    _faiss()  # as the stage imports it (it picks faiss's OpenBLAS kernels first)
 
     pa.array(["warm"])
 

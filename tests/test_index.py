@@ -159,3 +159,43 @@ def test_connected_components_match_a_graph_search_on_random_and_adversarial_gra
     j = np.array([edges[k][1] for k in order])
     assert connected_components(n, i, j).tolist() == _components_by_bfs(n, edges)
     assert connected_components(4, np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == [0, 1, 2, 3]
+
+
+def test_openblas_kernels_follow_the_cpu_flags(monkeypatch):
+    from prefcurate.backends.index import openblas_coretype
+
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    avx512 = {"sse2", "avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+    assert openblas_coretype(avx512) == "SkylakeX"
+    assert openblas_coretype({"sse2", "avx2", "fma", "avx512f"}) == "Haswell"  # AVX-512 foundation alone is not enough
+    assert openblas_coretype({"sse2", "avx"}) is None
+    assert openblas_coretype(None) is None  # not x86-64 Linux: OpenBLAS chooses
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Zen")
+    assert openblas_coretype(avx512) is None  # the user's choice stands
+
+
+def test_faiss_loads_with_the_chosen_openblas_kernels():
+    """In a fresh process (faiss loads once): faiss's own OpenBLAS runs the kernels chosen
+    from the CPU flags, and the variable is gone afterwards, so no other library sees it."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("threadpoolctl")
+    code = (
+        "import os, threadpoolctl\n"
+        "from prefcurate.backends.index import _cpu_flags, _faiss, openblas_coretype\n"
+        "want = openblas_coretype(_cpu_flags())\n"
+        "_faiss()\n"
+        "assert 'OPENBLAS_CORETYPE' not in os.environ\n"
+        "blas = [d for d in threadpoolctl.threadpool_info() if d['internal_api'] == 'openblas']\n"
+        "faiss_blas = [d for d in blas if 'scipy' not in d['filepath']]\n"
+        "print(want, [d.get('architecture') for d in faiss_blas])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    out = run.stdout.split(" ", 1)
+    if out[0] == "None":
+        pytest.skip("no x86-64 Linux CPU flags here: OpenBLAS picks its own kernels")
+    assert out[1].strip() != "[]", "faiss's bundled OpenBLAS not found"
+    assert f"'{out[0]}'" in out[1]
