@@ -266,10 +266,25 @@ class Embedder:
         batch_size: int | None = None,
         float16: bool = False,
     ) -> np.ndarray:
-        """(n, dim) float32 (float16 with ``float16=True``: the cache's own precision, for a
-        caller that copies the rows into a bigger float32 matrix anyway), rows L2-normalized;
-        ``progress`` advances by input texts. ``texts`` may be an Arrow string column (what a
-        stage has): only the texts to encode are then made Python strings.
+        """(n, dim) float32 (float16 with ``float16=True``: the cache's own precision), rows
+        L2-normalized; ``progress`` advances by input texts. ``texts`` may be an Arrow string
+        column (what a stage has): only the texts to encode are then made Python strings."""
+        vecs, inverse = self.encode_distinct(texts, progress, batch_size)
+        out = vecs[inverse]
+        return out if float16 else out.astype(np.float32)
+
+    def encode_distinct(
+        self,
+        texts: Sequence[str] | pa.Array | pa.ChunkedArray,
+        progress: ProgressTask | None = None,
+        batch_size: int | None = None,
+        rows: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, inverse): one float16 unit vector per distinct text asked for, and for
+        each text asked for the row of its vector, so ``vectors[inverse]`` is ``encode``.
+        With ``rows``, only ``texts[rows]`` are asked for (no copy of the column is taken).
+        A caller that copies the vectors into a bigger matrix anyway gathers them there once,
+        instead of through an (n, dim) temporary.
 
         Distinct texts are found by Arrow's hash table (``dictionary_encode``), so a text
         repeated in the call costs no Python work: only distinct texts are hashed for the
@@ -279,6 +294,10 @@ class Embedder:
         batch_size = batch_size or self.default_batch_size
         coded = pc.dictionary_encode(_text_array(texts))
         distinct, inverse = coded.dictionary, coded.indices.to_numpy(zero_copy_only=False)
+        if rows is not None:
+            used, inverse = np.unique(inverse[rows], return_inverse=True)
+            if len(used) < len(distinct):
+                distinct = distinct.take(pa.array(used))
         keys = text_keys(distinct)
         vecs = np.empty((len(distinct), self.dim), np.float16)
         missing = np.flatnonzero(~self.cache.lookup(keys, vecs))
@@ -288,7 +307,7 @@ class Embedder:
         if progress is not None:
             progress.advance(len(inverse) - len(missing))
         # Sorting by length keeps a transformer's padded batches tight; harmless for static.
-        lengths = pc.binary_length(distinct.take(pa.array(missing))).to_numpy(zero_copy_only=False)
+        lengths = pc.binary_length(distinct).to_numpy(zero_copy_only=False)[missing]
         missing = missing[np.argsort(lengths, kind="stable")]
         todo = distinct.take(pa.array(missing))  # in encoding order
         started = time.perf_counter()
@@ -309,8 +328,7 @@ class Embedder:
         self.cache.add(keys[missing[saved:]], vecs[missing[saved:]])
         self.stats.encoded += len(missing)
         self.stats.encode_seconds += time.perf_counter() - started
-        out = vecs[inverse]
-        return out if float16 else out.astype(np.float32)
+        return vecs, inverse
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError

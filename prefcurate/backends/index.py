@@ -294,15 +294,20 @@ def similar_pairs(
     device: str = "auto",
     kind: str = "auto",
     progress: ProgressTask | None = None,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, IndexInfo]:
     """All-vs-all: edges (i, j, cosine) with i < j and cosine >= ``threshold``, each edge once.
 
+    ``vectors`` (float32 or float16) times ``scale`` are the unit vectors compared: dedupe
+    hands its float16 matrix of unit parts and 1/sqrt(#parts), and the CPU join turns it
+    into float32 a block at a time (no float32 copy of the whole matrix).
+
     Approximate indexes give candidates only; each distinct candidate pair is re-scored once
     with the full vectors (a pair is usually found from both of its ends)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     where = resolve_index_device(device)
     if choose_kind(len(vectors), where, kind) == "ivf" and where == "cpu" and vectors.shape[1] > REDUCED_DIM:
-        return _ivf_join(vectors, threshold, k, progress)
+        return _ivf_join(vectors, threshold, k, progress, scale=scale)
+    vectors = _f32(vectors, scale)
     index = NeighborIndex(vectors, device, kind)
     chunk = _SEARCH_CHUNK if index.exact else _RESCORE_CHUNK
     n = max(1, len(vectors))
@@ -334,7 +339,12 @@ def similar_pairs(
 
 
 def _ivf_join(
-    vectors: np.ndarray, threshold: float, k: int, progress: ProgressTask | None, nprobe: int = IVF_NPROBE
+    vectors: np.ndarray,
+    threshold: float,
+    k: int,
+    progress: ProgressTask | None,
+    nprobe: int = IVF_NPROBE,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, IndexInfo]:
     """All-vs-all near pairs on CPU as an IVF *join*: the same cells and probes as a FAISS IVF
     search, but each cell is compared with every row that probes it in one BLAS product,
@@ -361,14 +371,14 @@ def _ivf_join(
     nlist = _nlist(n)
     nprobe = min(nprobe, nlist)
     info = IndexInfo("ivf", "cpu", n, min(dim, FILTER_DIM), nlist, nprobe, join=True)
-    proj, offset = pca(_sample(vectors, _PCA_SAMPLE), FILTER_DIM)
+    proj, offset = pca(_f32(_sample(vectors, _PCA_SAMPLE), scale), FILTER_DIM)
     width = proj.shape[1]
     # The rows on the filter components, plus a column of ones: with each cell's members
     # carrying -|m|^2/2 there, one GEMM gives q.m - |m|^2/2, and |q - m|^2 <= bound reads
     # q.m - |m|^2/2 >= (|q|^2 - bound)/2: no pass over the block to turn products into distances.
     wide = np.empty((n, width + 1), np.float32)
     wide[:, width] = 1
-    _project(vectors, proj, offset, out=wide[:, :width])
+    _project(vectors, proj * np.float32(scale), offset, out=wide[:, :width])  # (scale x) P = x (scale P)
     coarse = np.ascontiguousarray(wide[:, :REDUCED_DIM])
     # 5 iterations: cells only route pairs; 3 vs 10 iterations found the same edges at 200k rows
     kmeans = faiss.Kmeans(REDUCED_DIM, nlist, niter=5, seed=1234, max_points_per_centroid=40)
@@ -406,7 +416,7 @@ def _ivf_join(
             progress.advance(len(mem))
     pairs = np.unique(np.concatenate(packed)) if packed else np.zeros(0, np.int64)
     i, j = pairs // n, pairs % n
-    s = pair_cosines(vectors, i, j)
+    s = pair_cosines(vectors, i, j, scale)
     hit = s >= threshold
     return i[hit], j[hit], s[hit], info
 
@@ -436,12 +446,24 @@ def pair_sq_distances(points: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.nd
     return out
 
 
-def pair_cosines(vectors: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """``vectors[i] . vectors[j]`` row by row, gathering a bounded number of rows at a time."""
+def pair_cosines(vectors: np.ndarray, i: np.ndarray, j: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """``scale^2 vectors[i] . vectors[j]`` row by row (in float32), gathering a bounded
+    number of rows at a time."""
     out = np.empty(len(i), np.float32)
     for start, stop in _chunks(len(i), _PAIR_CHUNK):
-        out[start:stop] = np.einsum("ij,ij->i", vectors[i[start:stop]], vectors[j[start:stop]])
+        a = np.asarray(vectors[i[start:stop]], np.float32)
+        b = np.asarray(vectors[j[start:stop]], np.float32)
+        out[start:stop] = np.einsum("ij,ij->i", a, b)
+    if scale != 1.0:
+        out *= np.float32(scale * scale)
     return out
+
+
+def _f32(vectors: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """``scale x vectors`` as a C-contiguous float32 array (no copy when already that and scale is 1)."""
+    if scale == 1.0:
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    return np.multiply(vectors, np.float32(scale), dtype=np.float32)
 
 
 def nearest(

@@ -238,7 +238,7 @@ def _first_pass(
         keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
         keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
         if vectors is not None:
-            vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only)
+            vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only, pk.rendered)
         start += batch.num_rows
         task.advance(batch.num_rows)
     return _State(keys, cfg)

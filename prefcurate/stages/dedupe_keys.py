@@ -128,13 +128,17 @@ class PairKeys:
     group: np.ndarray  # S16: unordered (or ordered, when swaps are not checked) pair key
     orientation: np.ndarray  # bool: chosen sorts after rejected
     prompt_hashes: list[list[bytes]] = field(default_factory=list)  # full prompt + each user turn
+    rendered: dict[str, pa.Array] = field(default_factory=dict)  # chosen, rejected as ``part_columns`` renders them
 
 
 def pair_keys(batch: pa.RecordBatch, options: Sequence[str], unordered: bool, with_prompts: bool) -> PairKeys:
     # The three columns on two threads: Arrow's string kernels are single-threaded and release the GIL.
-    prompt, chosen, rejected = _pool().map(
-        lambda name: normalize_column(render_column(batch.column(name), roles=name == "prompt"), options),
-        ("prompt", "chosen", "rejected"),
+    def render(name: str) -> tuple[pa.Array, pa.Array]:
+        text = render_column(batch.column(name), roles=name == "prompt")
+        return text, normalize_column(text, options)
+
+    (_, prompt), (chosen_text, chosen), (rejected_text, rejected) = _pool().map(
+        render, ("prompt", "chosen", "rejected")
     )
     flipped = pc.greater(chosen, rejected) if unordered else pa.array(np.zeros(batch.num_rows, bool))
     first = pc.if_else(flipped, rejected, chosen)
@@ -147,7 +151,8 @@ def pair_keys(batch: pa.RecordBatch, options: Sequence[str], unordered: bool, wi
     if with_prompts:
         norm = normalizer(options)
         prompt_hashes = [prompt_digests(p, norm) for p in batch.column("prompt").to_pylist()]
-    return PairKeys(groups, flipped.to_numpy(zero_copy_only=False).astype(bool), prompt_hashes)
+    rendered = {"chosen": chosen_text, "rejected": rejected_text}  # roles=False, as part_columns renders
+    return PairKeys(groups, flipped.to_numpy(zero_copy_only=False).astype(bool), prompt_hashes, rendered)
 
 
 @functools.cache

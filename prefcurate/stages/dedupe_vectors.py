@@ -18,9 +18,19 @@ encoding alone worse, 1.30 vs 1.16).
 a short second pass over only the batches that hold them, and returns the vectors in row
 order. Provisional rows the pass removed are dropped.
 
-Layout: one (rows, names x dim) float32 matrix, filled in place. A row vector is its parts'
-unit vectors over sqrt(#parts), so a dot product is the mean per-part cosine; an extra
-prompt block (decontamination with ``--on response``) stays unit and outside the row vector.
+Layout: one (rows, names x dim) float16 matrix of the parts' unit vectors, filled in place:
+each part column's distinct vectors (float16 in the cache already) are gathered straight
+into their block. A row vector is that row times ``scale`` = 1/sqrt(#parts), so its dot
+product with another is the mean per-part cosine; the search applies the scale as it turns
+blocks of rows into float32 (``similar_pairs(scale=...)``), and an extra prompt block
+(decontamination with ``--on response``) stays outside the row vector.
+
+Why float16 and unit parts: a float32 matrix of scaled parts cost a float16 -> float32
+multiply per element as it filled (numpy's float16 casts are not vectorized: ~3 ns an
+element) and twice the memory (1M rows x 3 parts x 256-d: 3 GB vs 1.5 GB). Faulting in
+fresh pages on this VM costs ~1.3 s a GB, so at 200k rows the fill took 1.35 s of the
+stage; the gather is a copy. The values are the cache's own, so a cached rerun still sees
+the same bits.
 """
 
 from __future__ import annotations
@@ -41,16 +51,14 @@ class RowVectors:
     def __init__(self, cfg, ctx: StageContext, n_rows: int, parts: tuple[str, ...], need_prompt: bool) -> None:
         self.names = list(dict.fromkeys([*parts, *(["prompt"] if need_prompt else [])]))
         self.n_parts = len(parts)
-        # Per block of a row: the parts' unit vectors over sqrt(#parts); an extra prompt block stays unit.
-        blocks = [len(parts) ** -0.5 if k < len(parts) else 1.0 for k in range(len(self.names))]
-        self._scale = np.array(blocks, np.float32)
+        self.scale = len(parts) ** -0.5 if parts else 1.0  # a row vector is its unit parts times this
         self.need_prompt = need_prompt
         self.n_rows = n_rows
         self.matrix: np.ndarray | None = None
         self._ctx = ctx
         self._slot_rows: list[np.ndarray] = []  # global row of each filled slot, in slot order
         self._slots = 0
-        self._seen: set[int] = set()
+        self._seen = np.zeros(0, np.uint64)  # first 64 bits of each group key fed, sorted
         self._started = time.perf_counter()
         self.embedder = get_embedder(cfg.model, cfg.device, ctx.cache_dir)  # a bad --model fails before any work
         ctx.extra["model_load_seconds"] = round(time.perf_counter() - self._started, 3)
@@ -58,43 +66,58 @@ class RowVectors:
         self._task = ctx.progress.task("dedupe: embedding", total=n_rows * len(self.names), unit="texts")
 
     def feed(
-        self, batch: pa.RecordBatch, start: int, group_keys: np.ndarray, skip: np.ndarray, first_only: bool
+        self,
+        batch: pa.RecordBatch,
+        start: int,
+        group_keys: np.ndarray,
+        skip: np.ndarray,
+        first_only: bool,
+        rendered: dict[str, pa.Array] | None = None,
     ) -> None:
         """Encode the provisional rows of ``batch`` (global rows from ``start``): all rows but
         ``skip`` (exactly contaminated), or with ``first_only`` (exact duplicates removed) only
-        the first row of each exact group key (S16) seen so far."""
-        if first_only:
-            seen = self._seen
-            rows = []
-            for i, key in enumerate(group_keys.view(np.uint64)[::2].tolist()):  # 64 bits: a collision costs a re-read
-                if key not in seen:
-                    seen.add(key)
-                    if not skip[i]:
-                        rows.append(i)
-            rows = np.asarray(rows, np.int64)
-        else:
-            rows = np.flatnonzero(~skip)
+        the first row of each exact group key (S16) seen so far. ``rendered``: part columns
+        the caller already rendered to text (the exact pass renders the responses)."""
+        rows = self._first_seen(group_keys, skip) if first_only else np.flatnonzero(~skip)
         if len(rows):
-            self._encode(batch.take(pa.array(rows)))
+            self._encode(batch, rows, rendered or {})
             self._slot_rows.append(rows + start)
 
-    def _encode(self, batch: pa.RecordBatch) -> None:
-        """Embed every row of ``batch`` into the next slots."""
-        embedder, count, slot = self.embedder, batch.num_rows, self._slots
+    def _first_seen(self, group_keys: np.ndarray, skip: np.ndarray) -> np.ndarray:
+        """Rows whose group key (its first 64 bits: a collision costs a re-read) no earlier
+        row had, but not ``skip``. The keys seen so far are one sorted array, so a batch
+        is a few vectorized searches and one merge instead of a Python set probe per row."""
+        keys = np.ascontiguousarray(group_keys).view(np.uint64)[::2]
+        uniq, first = np.unique(keys, return_index=True)
+        seen = self._seen
+        at = np.minimum(np.searchsorted(seen, uniq), max(0, len(seen) - 1))
+        new = seen[at] != uniq if len(seen) else np.ones(len(uniq), bool)
+        self._seen = np.union1d(seen, uniq[new]) if len(seen) else uniq
+        rows = np.sort(first[new])
+        return rows[~skip[rows]]
+
+    def _encode(self, batch: pa.RecordBatch, rows: np.ndarray, rendered: dict[str, pa.Array]) -> None:
+        """Embed ``rows`` of ``batch`` into the next slots: each part column's distinct texts
+        once, their float16 unit vectors gathered straight into the part's block."""
+        embedder, count, slot = self.embedder, len(rows), self._slots
         dim = embedder.dim
         if self.matrix is None:  # a slot per input row at most: provisional + re-read rows <= rows
-            self.matrix = np.empty((max(1, self.n_rows), len(self.names) * dim), np.float32)
-        flat = embedder.encode(_texts(batch, self.names), progress=self._task, float16=True)
-        for k in range(len(self.names)):  # float16 -> float32 and the row scale in one pass
-            block = self.matrix[slot : slot + count, k * dim : (k + 1) * dim]
-            np.multiply(flat[k * count : (k + 1) * count], self._scale[k], out=block)
+            self.matrix = np.empty((max(1, self.n_rows), len(self.names) * dim), np.float16)
+        todo = [name for name in self.names if name not in rendered]
+        columns = dict(zip(todo, part_columns(batch, todo), strict=True)) | rendered
+        which = None if count == batch.num_rows else rows
+        for k, name in enumerate(self.names):
+            vecs, inverse = embedder.encode_distinct(columns[name], progress=self._task, rows=which)
+            np.take(vecs, inverse, axis=0, out=self.matrix[slot : slot + count, k * dim : (k + 1) * dim])
         self._slots += count
 
     # -- after the exact pass --------------------------------------------------------------
     def finish(
         self, cand: np.ndarray, source: StageInput, batch_rows: int
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(row vectors, unit prompt vectors or None), one row per ``cand`` (sorted global rows)."""
+        """(row vectors, unit prompt vectors or None), one row per ``cand`` (sorted global
+        rows). The row vectors are float16, their parts' unit vectors side by side: times
+        ``scale`` they are the row vectors of the search (a view of the matrix, no copy)."""
         embedder = self.embedder
         filled = np.concatenate(self._slot_rows) if self._slot_rows else np.zeros(0, np.int64)
         at = np.minimum(np.searchsorted(filled, cand), max(0, len(filled) - 1))
@@ -112,7 +135,7 @@ class RowVectors:
         prompt = None
         if self.need_prompt:
             k = self.names.index("prompt")
-            prompt = np.ascontiguousarray(matrix[:, k * dim : (k + 1) * dim]) / self._scale[k]
+            prompt = matrix[:, k * dim : (k + 1) * dim].astype(np.float32)
         if not self.n_parts:
             return None, prompt
         return matrix[:, : self.n_parts * dim], prompt
@@ -126,16 +149,16 @@ class RowVectors:
             stop = start + batch.num_rows
             lo, hi = np.searchsorted(rows, [start, stop])
             if hi > lo:
-                self._encode(batch.take(pa.array(rows[lo:hi] - start)))
+                self._encode(batch, rows[lo:hi] - start, {})
             start = stop
 
     def _in_order(self, src: np.ndarray) -> np.ndarray:
         """The matrix rows ``src`` in that order. When the order is the slots' own order with
         rows left out (no re-read rows), rows move forward in place, chunk by chunk (a target
         row is never after its source, so no source is overwritten before it is read): no
-        second matrix, which at 1M rows would be another 3 GB."""
+        second matrix, which at 1M rows would be another 1.5 GB."""
         if self.matrix is None:
-            return np.zeros((len(src), len(self.names) * self.embedder.dim), np.float32)
+            return np.zeros((len(src), len(self.names) * self.embedder.dim), np.float16)
         if len(src) and np.all(src[1:] > src[:-1]):
             for lo in range(0, len(src), 8192):
                 part = src[lo : lo + 8192]
@@ -143,9 +166,3 @@ class RowVectors:
                     self.matrix[lo : lo + len(part)] = self.matrix[part]
             return self.matrix[: len(src)]
         return self.matrix[src]
-
-
-def _texts(batch: pa.RecordBatch, names: list[str]) -> pa.Array:
-    """The texts of ``names`` for every row of ``batch``, name after name, as one column
-    (large strings: no 2 GB offset limit)."""
-    return pa.concat_arrays([c.cast(pa.large_string()) for c in part_columns(batch, names)])
