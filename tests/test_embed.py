@@ -70,6 +70,24 @@ def test_cache_merges_small_segments_without_losing_a_vector(tmp_path):
     np.testing.assert_array_equal(out[:60], vecs[::-1])
 
 
+def test_lookups_between_adds_find_every_segment_so_far(tmp_path):
+    """Segments added after the first lookup live in a second level until it is merged into
+    the main one: a lookup must see both, before and after each merge."""
+    rng = np.random.default_rng(1)
+    cache = EmbeddingCache(tmp_path / "c", 4)
+    keys = rng.integers(0, 2**63, size=(400, 2), dtype=np.uint64)
+    vecs = rng.standard_normal((400, 4)).astype(np.float16)
+    cache.add(keys[:100], vecs[:100])
+    stranger = rng.integers(0, 2**63, size=(1, 2), dtype=np.uint64)
+    for stop in range(110, 401, 10):  # ten at a time: several merges into the main level on the way
+        cache.add(keys[stop - 10 : stop], vecs[stop - 10 : stop])
+        probe = np.concatenate([keys[:stop][::-1], stranger])
+        out = np.zeros((stop + 1, 4), np.float16)
+        hit = cache.lookup(probe, out)
+        assert hit[:stop].all() and not hit[stop]
+        np.testing.assert_array_equal(out[:stop], vecs[:stop][::-1])
+
+
 def test_cache_ignores_half_written_and_foreign_segments(tmp_path):
     cache = EmbeddingCache(tmp_path / "c", 4)
     keys = np.array([[1, 2], [3, 4]], np.uint64)

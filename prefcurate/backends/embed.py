@@ -120,18 +120,16 @@ def _python_texts(values: pa.Array) -> list[str]:
     return values.to_pylist()
 
 
-def _merge_sorted(index, keys: np.ndarray, segment: int):
-    """The lookup index (first halves sorted, second halves, segment, row) with one more
-    segment's ``keys`` merged in."""
-    first, second, seg, row = index
+def _level(keys: np.ndarray, segment: int):
+    """One segment's ``keys`` as a lookup level: (first halves sorted, second halves, segment, row)."""
     order = np.argsort(keys[:, 0], kind="stable")
-    at = np.searchsorted(first, keys[order, 0])
-    return (
-        np.insert(first, at, keys[order, 0]),
-        np.insert(second, at, keys[order, 1]),
-        np.insert(seg, at, np.int32(segment)),
-        np.insert(row, at, order),
-    )
+    return keys[order, 0], keys[order, 1], np.full(len(keys), segment, np.int32), order
+
+
+def _merge_levels(a, b):
+    """Two lookup levels merged into one (both sorted by first half): an O(n) insert, no re-sort."""
+    at = np.searchsorted(a[0], b[0])
+    return tuple(np.insert(x, at, y) for x, y in zip(a, b, strict=True))
 
 
 class EmbeddingCache:
@@ -151,6 +149,7 @@ class EmbeddingCache:
         self._keys: list[np.ndarray] = []
         self._vecs: list[np.ndarray] = []
         self._index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._recent: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # see ``add``
         self._load()
         small = [k for k, keys in enumerate(self._keys) if len(keys) < _SMALL_SEGMENT]
         if len(small) > _MAX_SEGMENTS:
@@ -169,7 +168,7 @@ class EmbeddingCache:
                 self._keys.append(keys.astype(np.uint64, copy=False))
                 self._vecs.append(vecs)
                 self._names.append(name)
-        self._index = None
+        self._index = self._recent = None
 
     def _sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(first halves sorted, second halves, segment, row), in that order."""
@@ -183,17 +182,27 @@ class EmbeddingCache:
 
     def lookup(self, keys: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Fill ``out[i]`` for each cached ``keys[i]`` ((m, 2) uint64); return the hit mask."""
-        first, second, seg, row = self._sorted()
+        hit = np.zeros(len(keys), bool)
+        for level in (self._sorted(), self._recent):
+            todo = np.flatnonzero(~hit)
+            if level is None or not len(todo):
+                continue
+            hit[todo[self._find(level, keys[todo], out, todo)]] = True
+        return hit
+
+    def _find(self, level, keys: np.ndarray, out: np.ndarray, where: np.ndarray) -> np.ndarray:
+        """Look ``keys`` up in one level; fill ``out[where[i]]`` for each hit ``i``."""
+        first, second, seg, row = level
         if not len(first) or not len(keys):
             return np.zeros(len(keys), bool)
         pos = np.minimum(np.searchsorted(first, keys[:, 0]), len(first) - 1)
         hit = (first[pos] == keys[:, 0]) & (second[pos] == keys[:, 1])
-        where = np.flatnonzero(hit)
-        for s in np.unique(seg[pos[where]]):
-            mine = where[seg[pos[where]] == s]
+        found = np.flatnonzero(hit)
+        for s in np.unique(seg[pos[found]]):
+            mine = found[seg[pos[found]] == s]
             rows = row[pos[mine]]
             order = np.argsort(rows)  # read the memory-mapped file front to back
-            out[mine[order]] = self._vecs[s][rows[order]]
+            out[where[mine[order]]] = self._vecs[s][rows[order]]
         return hit
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -207,8 +216,14 @@ class EmbeddingCache:
         self._keys.append(np.asarray(keys, np.uint64))
         self._vecs.append(vecs)
         self._names.append(name)
-        if self._index is not None:  # merge into the sorted index: O(n), where a re-sort per segment was O(n log n)
-            self._index = _merge_sorted(self._index, self._keys[-1], len(self._keys) - 1)
+        if self._index is not None:
+            # New segments go to a small second level, merged into the main one when it reaches a
+            # quarter of its size: each key is moved O(log n) times, where merging every segment into
+            # the main level cost O(n) per segment (dedupe adds one per part column per batch).
+            new = _level(self._keys[-1], len(self._keys) - 1)
+            self._recent = new if self._recent is None else _merge_levels(self._recent, new)
+            if 4 * len(self._recent[0]) > len(self._index[0]):
+                self._index, self._recent = _merge_levels(self._index, self._recent), None
 
     def _write(self, name: str, array: np.ndarray) -> None:
         tmp = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -239,7 +254,7 @@ class EmbeddingCache:
         return len(self._keys)
 
     def close(self) -> None:
-        self._keys, self._vecs, self._names, self._index = [], [], [], None
+        self._keys, self._vecs, self._names, self._index, self._recent = [], [], [], None, None
 
 
 class Embedder:

@@ -92,7 +92,7 @@ class RowVectors:
         seen = self._seen
         at = np.minimum(np.searchsorted(seen, uniq), max(0, len(seen) - 1))
         new = seen[at] != uniq if len(seen) else np.ones(len(uniq), bool)
-        self._seen = np.union1d(seen, uniq[new]) if len(seen) else uniq
+        self._seen = np.insert(seen, np.searchsorted(seen, uniq[new]), uniq[new])  # a merge, no re-sort
         rows = np.sort(first[new])
         return rows[~skip[rows]]
 
@@ -108,7 +108,7 @@ class RowVectors:
         which = None if count == batch.num_rows else rows
         for k, name in enumerate(self.names):
             vecs, inverse = embedder.encode_distinct(columns[name], progress=self._task, rows=which)
-            np.take(vecs, inverse, axis=0, out=self.matrix[slot : slot + count, k * dim : (k + 1) * dim])
+            self.matrix[slot : slot + count, k * dim : (k + 1) * dim] = vecs[inverse]
         self._slots += count
 
     # -- after the exact pass --------------------------------------------------------------
