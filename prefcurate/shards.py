@@ -104,6 +104,9 @@ def read_table(stage_dir: str | Path, columns: Sequence[str] | None = None, subd
     return schema.empty_table().select(list(columns)) if columns else schema.empty_table()
 
 
+_IN_FLIGHT = 2  # shards being written at once (see ShardWriter)
+
+
 class ShardWriter:
     """Writes batches as ``part-NNNNN.parquet`` shards of at most ``rows_per_shard`` rows.
 
@@ -111,9 +114,11 @@ class ShardWriter:
     the first batch and typed later is widened by ``unify``). Each shard is one row group.
 
     Encoding and compressing a shard is a third of a cheap stage's CPU time, and Arrow
-    releases the GIL while it writes, so shards are written on a background thread while the
-    stage computes the next one. At most one shard is in flight, so memory stays bounded;
-    a write error surfaces at the next write or at ``close``.
+    releases the GIL while it writes, so shards are written on background threads while the
+    stage computes the next one. At most ``_IN_FLIGHT`` shards are in flight, so memory stays
+    bounded; a write error surfaces at the next write or at ``close``. Two, not one: a stage
+    that only filters (dedupe's write pass) produces shards faster than one thread compresses
+    them, and at commit the last shard was written alone while the other core idled.
     """
 
     def __init__(self, directory: str | Path, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> None:
@@ -125,7 +130,7 @@ class ShardWriter:
         self._pending_rows = 0
         self._schema: pa.Schema | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._inflight: Future[None] | None = None
+        self._inflight: list[Future[None]] = []
 
     def write(self, data: pa.Table | pa.RecordBatch) -> None:
         table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
@@ -162,24 +167,26 @@ class ShardWriter:
         n = table.num_rows if n is None else n
         head, rest = table.slice(0, n), table.slice(n)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._wait()
+        self._wait(_IN_FLIGHT - 1)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._inflight = self._pool.submit(
-            pq.write_table,
-            head,
-            self.directory / f"part-{self.shards:05d}.parquet",
-            row_group_size=max(1, head.num_rows),
-            compression="zstd",
+            self._pool = ThreadPoolExecutor(max_workers=_IN_FLIGHT, thread_name_prefix="shard-writer")
+        self._inflight.append(
+            self._pool.submit(
+                pq.write_table,
+                head,
+                self.directory / f"part-{self.shards:05d}.parquet",
+                row_group_size=max(1, head.num_rows),
+                compression="zstd",
+            )
         )
         self.shards += 1
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
 
-    def _wait(self) -> None:
-        if self._inflight is not None:
-            inflight, self._inflight = self._inflight, None
-            inflight.result()
+    def _wait(self, keep: int = 0) -> None:
+        """Wait until at most ``keep`` shards are in flight (oldest first); raise a write's error."""
+        while len(self._inflight) > keep:
+            self._inflight.pop(0).result()
 
     def discard(self) -> None:
         """Drop what is pending and wait for a shard in flight (before its directory is removed)."""
@@ -187,7 +194,7 @@ class ShardWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._inflight = None
+        self._inflight = []
 
     def close(self) -> None:
         """Write what is pending and wait for every shard to be on disk."""
