@@ -45,9 +45,10 @@ from prefcurate.errors import InputError, MissingDependency
 from prefcurate.stages.base import ProgressTask
 
 # Crossover measured on this 2-core CPU with 768-d static pair vectors, k=16, all-vs-all, build
-# included (benchmarks/bench_dedupe.py --index-sweep): 5k rows flat 0.16 s vs IVF join 0.24 s;
-# 10k 0.57 s vs 0.22 s; 20k 2.22 s vs 0.36 s, the join finding 100% of the exact edges at each.
-CPU_EXACT_MAX_ROWS = 7_000
+# included (benchmarks/bench_dedupe.py --index-sweep, faiss on SkylakeX kernels): 4k rows flat
+# 0.17 s vs IVF join 0.28 s; 5k 0.27 vs 0.22-0.24 s; 7k 0.48 vs 0.26 s; 10k 0.89 vs 0.35 s; 20k
+# 3.3 vs 0.48 s, the join finding 100% of the exact edges up to 10k and 99.9% at 20k.
+CPU_EXACT_MAX_ROWS = 5_000
 # A GPU brute-forces 1M x 1M x 768 in about a minute; IVF only past that.
 GPU_EXACT_MAX_ROWS = 1_000_000
 REDUCED_DIM = 64
