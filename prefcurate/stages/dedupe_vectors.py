@@ -11,7 +11,9 @@ Tried and dropped: encoding on a worker thread while the pass hashes on. The sta
 encoder keeps ~1.5 of 2 cores busy and holds the GIL for its pooling, so the pass's work
 slowed it by about what it saved (20k rows, 6 interleaved runs each: median total 8.21 s
 threaded vs 8.32 s for the two-pass serial code, within the noise, and the median ratio to
-encoding alone worse, 1.30 vs 1.16).
+encoding alone worse, 1.30 vs 1.16). Nor did reading and hashing the next batch on a worker
+thread while this one is embedded, though the pass averages 1.77 of the 2 cores (20k rows,
+6 interleaved runs each: median 6.59 s vs 6.54 s serial; in-run ratio 1.262 vs 1.260).
 
 ``finish`` then embeds the rows the exact pass kept that were not provisional (another
 ``--keep`` policy picked a later row of its group, or two group keys agreed on 64 bits) in
