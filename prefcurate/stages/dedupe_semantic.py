@@ -93,24 +93,20 @@ def _contamination(cfg, ctx, embedder, prompt_vecs: np.ndarray, evals: EvalSet, 
 def _parts_agree(parts: np.ndarray, i: np.ndarray, j: np.ndarray, n_parts: int, floor: float):
     """Keep the edges whose every part (prompt, chosen, rejected) reaches ``floor`` on its
     own (``parts``: the unit part vectors side by side)."""
+    from prefcurate.backends.index import pair_cosines
+
     dim = parts.shape[1] // n_parts
     ok = np.ones(len(i), bool)
     for k in range(n_parts):
-        block = slice(k * dim, (k + 1) * dim)
-        ok &= _dots(parts[i, block], parts[j, block]) >= floor
+        ok &= pair_cosines(parts[:, k * dim : (k + 1) * dim], i, j) >= floor
     return i[ok], j[ok]
-
-
-def _dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise dot products, in float32 (numpy's float16 arithmetic is slow and coarse)."""
-    return np.einsum("ij,ij->i", a.astype(np.float32), b.astype(np.float32))
 
 
 def _near_duplicates(
     cfg, ctx, decisions: Decisions, prio, cand: np.ndarray, vectors: np.ndarray, threshold: float, part_threshold: float
 ):
     """``vectors``: each candidate's unit part vectors side by side (``RowVectors.finish``)."""
-    from prefcurate.backends.index import connected_components, similar_pairs
+    from prefcurate.backends.index import connected_components, pair_cosines, similar_pairs
 
     task = ctx.progress.task("dedupe: neighbours", total=len(cand))
     started = time.perf_counter()
@@ -126,7 +122,7 @@ def _near_duplicates(
     rows, leaders = cand[gone], cand[leader[gone]]
     decisions.reason[rows] = NEAR
     decisions.dup_of[rows] = leaders
-    decisions.similarity[rows] = _dots(vectors[gone], vectors[leader[gone]]) / n_parts  # the mean part cosine
+    decisions.similarity[rows] = pair_cosines(vectors, gone, leader[gone], n_parts**-0.5)  # the mean part cosine
     ctx.extra.update(
         index=info.kind,
         index_device=info.device,

@@ -22,7 +22,7 @@ order. Provisional rows the pass removed are dropped.
 
 Layout: one (rows, names x dim) float16 matrix of the parts' unit vectors, filled in place:
 each part column's distinct vectors (float16 in the cache already) are gathered straight
-into their block. A row vector is that row times ``scale`` = 1/sqrt(#parts), so its dot
+into their block. A row vector is that row times 1/sqrt(#parts), so its dot
 product with another is the mean per-part cosine; the search applies the scale as it turns
 blocks of rows into float32 (``similar_pairs(scale=...)``), and an extra prompt block
 (decontamination with ``--on response``) stays outside the row vector.
@@ -53,7 +53,6 @@ class RowVectors:
     def __init__(self, cfg, ctx: StageContext, n_rows: int, parts: tuple[str, ...], need_prompt: bool) -> None:
         self.names = list(dict.fromkeys([*parts, *(["prompt"] if need_prompt else [])]))
         self.n_parts = len(parts)
-        self.scale = len(parts) ** -0.5 if parts else 1.0  # a row vector is its unit parts times this
         self.need_prompt = need_prompt
         self.n_rows = n_rows
         self.matrix: np.ndarray | None = None
@@ -119,7 +118,7 @@ class RowVectors:
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(row vectors, unit prompt vectors or None), one row per ``cand`` (sorted global
         rows). The row vectors are float16, their parts' unit vectors side by side: times
-        ``scale`` they are the row vectors of the search (a view of the matrix, no copy)."""
+        1/sqrt(#parts) they are the row vectors of the search (a view of the matrix, no copy)."""
         embedder = self.embedder
         filled = np.concatenate(self._slot_rows) if self._slot_rows else np.zeros(0, np.int64)
         at = np.minimum(np.searchsorted(filled, cand), max(0, len(filled) - 1))
