@@ -279,14 +279,12 @@ class Embedder:
         texts: Sequence[str] | pa.Array | pa.ChunkedArray,
         progress: ProgressTask | None = None,
         batch_size: int | None = None,
-        float16: bool = False,
     ) -> np.ndarray:
-        """(n, dim) float32 (float16 with ``float16=True``: the cache's own precision), rows
-        L2-normalized; ``progress`` advances by input texts. ``texts`` may be an Arrow string
-        column (what a stage has): only the texts to encode are then made Python strings."""
+        """(n, dim) float32, rows L2-normalized; ``progress`` advances by input texts.
+        ``texts`` may be an Arrow string column (what a stage has): only the texts to encode
+        are then made Python strings."""
         vecs, inverse = self.encode_distinct(texts, progress, batch_size)
-        out = vecs[inverse]
-        return out if float16 else out.astype(np.float32)
+        return vecs[inverse].astype(np.float32)
 
     def encode_distinct(
         self,
