@@ -258,6 +258,8 @@ def warm_imports(model: str, device: str, work: Path) -> None:
     the model from disk stays inside the stage's time. pyarrow imports pandas on its first
     conversion from Python objects (~0.2 s once per process, whatever the row count): warmed
     here too."""
+    import torch  # noqa: F401  (the search runs its products in torch; --device auto imports it anyway)
+
     from prefcurate.backends.index import _faiss
 
     _faiss()  # as the stage imports it (it picks faiss's OpenBLAS kernels first)

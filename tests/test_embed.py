@@ -51,6 +51,24 @@ def test_cache_survives_a_new_embedder_and_returns_identical_vectors(model_cache
     assert [p.name for p in (root / "embeddings").glob("static-*/*.keys.npy")]
 
 
+def test_fresh_vectors_get_the_same_float16_bits_as_numpys_cast():
+    """The encoder's float32 -> float16 store (torch's cast) must round exactly as numpy's
+    does, subnormals and overflow included: the cache and a first run have to agree bit for
+    bit with what any reader of the ``.npy`` segments computes."""
+    from prefcurate.backends.embed import _store_f16
+
+    rng = np.random.default_rng(0)
+    magnitude = rng.choice([1e-9, 3e-6, 1e-3, 1.0, 300.0, 7e4], size=(4000, 1))
+    vecs = (rng.standard_normal((4000, 64)) * magnitude).astype(np.float32)
+    rows = rng.permutation(6000)[:4000]
+    out = np.zeros((6000, 64), np.float16)
+    _store_f16(out, rows, vecs)
+    want = np.zeros_like(out)
+    with np.errstate(over="ignore"):
+        want[rows] = vecs
+    np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
+
+
 def test_cache_merges_small_segments_without_losing_a_vector(tmp_path):
     rng = np.random.default_rng(0)
     cache = EmbeddingCache(tmp_path / "c", 8)

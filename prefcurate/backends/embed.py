@@ -330,7 +330,7 @@ class Embedder:
             batch = _python_texts(todo.slice(start, len(chunk)))
             model_started = time.perf_counter()
             # float16 like the cache, so a first run and a cached rerun agree bit for bit
-            vecs[chunk] = self._encode_batch(batch)
+            _store_f16(vecs, chunk, self._encode_batch(batch))
             self.stats.model_seconds += time.perf_counter() - model_started
             done = start + len(chunk)
             if done - saved >= _CHECKPOINT_TEXTS:
@@ -426,6 +426,16 @@ class TransformerEmbedder(Embedder):
             texts, batch_size=len(texts) or 1, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
         )
         return _normalize(np.asarray(vecs, dtype=np.float32))
+
+
+def _store_f16(out: np.ndarray, rows: np.ndarray, vecs: np.ndarray) -> None:
+    """``out[rows] = vecs`` for a float16 ``out``, cast by torch: numpy's float32 -> float16
+    cast is a scalar loop (~4 ns an element), torch's is vectorized (8x faster here), and
+    both round to nearest even, so the bits are the same."""
+    import torch
+
+    src = torch.from_numpy(np.ascontiguousarray(vecs, dtype=np.float32)).to(torch.float16)
+    torch.from_numpy(out).index_copy_(0, torch.from_numpy(np.asarray(rows, np.int64)), src)
 
 
 def _normalize(vecs: np.ndarray) -> np.ndarray:

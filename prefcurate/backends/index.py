@@ -8,15 +8,18 @@ bigger than k still becomes one connected component because every member links t
 inside it, and a row similar to only one member finds that member from its own search.
 
 Every approximate path is *candidates, then an exact check*, and the candidate filters are
-lossless: with unit vectors, cos >= t means ``|x - y|^2 <= 2(1 - t)``, and a projection
-never lengthens a difference, so a pair failing that bound on projected vectors cannot be an
-edge. The ``similarity`` reported for an edge is always the exact cosine of the full vectors.
+lossless: ``x . y >= t`` means ``|x - y|^2 <= |x|^2 + |y|^2 - 2t`` (``2(1 - t)`` for exactly
+unit vectors; the float16 ones dedupe hands over are unit to ~1e-4, which counts at the
+threshold), and a projection never lengthens a difference, so a pair failing that bound on
+projected vectors cannot be an edge. The ``similarity`` reported for an edge is always the
+exact cosine of the full vectors.
 
 - **flat** (small sets; GPU up to ``GPU_EXACT_MAX_ROWS``): FAISS ``IndexFlatIP``, exact.
 - **ivf on CPU: an IVF join** (``_ivf_join``). Cells come from FAISS k-means on a 64-d
   centered PCA projection; each row probes its ``IVF_NPROBE`` nearest cells, like a FAISS IVF
-  search, but each cell is compared with all the rows probing it in one BLAS product on the
-  top ``FILTER_DIM`` (256) components, and only pairs within the bound there are re-scored.
+  search, but each cell is compared with all the rows probing it in one matrix product on
+  the top ``FILTER_DIM`` (256) components (bfloat16 on CPUs with AMX, its rounding error
+  added to the bound), and only pairs within the bound there are re-scored.
   Why not FAISS's own IVF search: it scans inverted lists one query at a time, and in 64-d
   the bound is loose (HH-RLHF rows sit at cosine ~0.85 from each other, close to the 0.92
   threshold), so its top-k handed 2M candidates to the full re-score at 200k rows; 256-d
@@ -59,7 +62,9 @@ IVF_NPROBE = 8
 _PCA_SAMPLE = 4096  # rows for the covariance: the top 64 directions of 768 are stable by then
 _SEARCH_CHUNK = 8192
 _RESCORE_CHUNK = 2048  # queries per search call in the approximate path
-_JOIN_BLOCK = 1 << 20  # distances per GEMM block in the IVF join (4 MB)
+_JOIN_BLOCK = 1 << 20  # at most this many distances per GEMM block in the IVF join
+_JOIN_ROWS = 1024  # rows per block (bf16 on AMX: 1024 x 64k members ran fastest, 2048 slower)
+_BF16_PAD = 64  # a cell's members padded to a multiple of this in bf16 (one kernel per shape)
 _PAIR_CHUNK = 4096  # candidate pairs per exact re-score: 2 x 12 MB gathered, reused by malloc (a 100 MB
 # gather is a fresh mmap each time, and its page faults cost more than the arithmetic)
 
@@ -73,11 +78,13 @@ class IndexInfo:
     nlist: int | None = None
     nprobe: int | None = None
     join: bool = False  # all-vs-all IVF join (CPU) instead of a FAISS search per query
+    gemm: str = ""  # the join's product: fp32, or bf16 on AMX
 
     def describe(self) -> str:
         extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.nlist else ""
         if self.join:
-            return f"IVF join on {self.device} ({self.rows} rows, FAISS k-means cells, {self.dim}-d filter{extra})"
+            cells = f"FAISS k-means cells, {self.dim}-d {self.gemm} filter"
+            return f"IVF join on {self.device} ({self.rows} rows, {cells}{extra})"
         return f"FAISS {self.kind} on {self.device} ({self.rows} rows, {self.dim}-d{extra})"
 
 
@@ -187,6 +194,7 @@ class NeighborIndex:
         else:
             base = np.ascontiguousarray(vectors, dtype=np.float32)
         self.base = base
+        self.sq_max = _sq_max(vectors)
         index = self._make(faiss, kind, base.shape[1], n, nprobe)
         if self.device == "cuda":
             self._res = faiss.StandardGpuResources()
@@ -228,16 +236,16 @@ class NeighborIndex:
         k = max(1, min(k, self.info.rows))
         if self.info.rows == 0 or len(queries) == 0:
             return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
-        return self._search(self._reduce(queries), k, threshold)
+        return self._search(self._reduce(queries), k, threshold, _sq_max(queries))
 
     def candidates_of_rows(self, start: int, stop: int, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """``candidates`` for the index's own rows ``start:stop`` (no second projection)."""
         k = max(1, min(k, self.info.rows))
-        return self._search(self.base[start:stop], k, threshold)
+        return self._search(self.base[start:stop], k, threshold, self.sq_max)
 
-    def _search(self, reduced: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, reduced: np.ndarray, k: int, threshold: float, query_sq: float) -> tuple[np.ndarray, np.ndarray]:
         d, ids = self.index.search(reduced, k)
-        ok = d >= threshold if self.exact else d <= _bound(threshold)
+        ok = d >= threshold if self.exact else d <= _bound(threshold, query_sq + self.sq_max)
         return d, np.where(ok, ids, -1)
 
 
@@ -255,9 +263,13 @@ def _nlist(n: int) -> int:
     return max(1, min(int(2 * math.sqrt(n)), n // 39 or 1))  # FAISS wants >= 39 training points per list
 
 
-def _bound(threshold: float) -> float:
-    """Squared distance of unit vectors at cosine ``threshold`` (+ float32 slack)."""
-    return 2 * (1 - threshold) + 1e-4
+def _bound(threshold: float, sq_sum: float | np.ndarray = 2.0) -> float | np.ndarray:
+    """The largest squared distance of two vectors whose dot product reaches ``threshold``,
+    when their squared norms sum to ``sq_sum`` (+ float32 slack): ``|x - y|^2 = |x|^2 +
+    |y|^2 - 2 x.y``. For unit vectors (the default) that is ``2 (1 - t)``. The vectors
+    compared are float16 unit vectors, whose norms are 1 only to ~1e-4, and pairs right at
+    the threshold were lost when the filter took them for exactly 1."""
+    return sq_sum - 2 * threshold + 1e-4
 
 
 def _project(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -269,6 +281,27 @@ def _project(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray, out: np.
         np.matmul(np.asarray(vectors[start:stop], np.float32), proj, out=out[start:stop])
         out[start:stop] -= offset
     return out
+
+
+def _as_tensor(a: np.ndarray):
+    """A torch view of a numpy array, strided ones included (e.g. one part's columns of the
+    dedupe matrix); a copy only when it is read-only or has a negative stride."""
+    import torch
+
+    a = np.asarray(a)
+    if not a.flags.writeable or any(s < 0 for s in a.strides):
+        a = np.array(a)
+    return torch.from_numpy(a)
+
+
+def _sq_max(vectors: np.ndarray) -> float:
+    """The largest squared row norm (1 for unit vectors; 0 for none), a chunk at a time."""
+    import torch
+
+    table, top = _as_tensor(vectors), 0.0
+    for start, stop in _chunks(len(vectors), _SEARCH_CHUNK):
+        top = max(top, float(torch.linalg.vector_norm(table[start:stop].float(), dim=1).max()) ** 2)
+    return top
 
 
 def _sample(vectors: np.ndarray, size: int) -> np.ndarray:
@@ -296,6 +329,7 @@ def similar_pairs(
     kind: str = "auto",
     progress: ProgressTask | None = None,
     scale: float = 1.0,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, IndexInfo]:
     """All-vs-all: edges (i, j, cosine) with i < j and cosine >= ``threshold``, each edge once.
 
@@ -307,7 +341,7 @@ def similar_pairs(
     with the full vectors (a pair is usually found from both of its ends)."""
     where = resolve_index_device(device)
     if choose_kind(len(vectors), where, kind) == "ivf" and where == "cpu" and vectors.shape[1] > REDUCED_DIM:
-        return _ivf_join(vectors, threshold, k, progress, scale=scale)
+        return _ivf_join(vectors, threshold, k, progress, scale=scale, precision=precision)
     vectors = _f32(vectors, scale)
     index = NeighborIndex(vectors, device, kind)
     chunk = _SEARCH_CHUNK if index.exact else _RESCORE_CHUNK
@@ -331,12 +365,23 @@ def similar_pairs(
         s = np.concatenate(sims)[first] if sims else np.zeros(0, np.float32)
     else:
         if index.wide is not None:  # a second, tighter projection bound before the full vectors
-            near = pair_sq_distances(index.wide, i, j) <= _bound(threshold)
+            sq = pair_cosines(vectors, np.arange(len(vectors)), np.arange(len(vectors)))
+            near = pair_sq_distances(index.wide, i, j) <= _bound(threshold, sq[i] + sq[j])
             i, j = i[near], j[near]
         s = pair_cosines(vectors, i, j)
         hit = s >= threshold
         i, j, s = i[hit], j[hit], s[hit]
     return i, j, s.astype(np.float32), index.info
+
+
+def join_precision(precision: str = "auto") -> str:
+    """The IVF join's GEMM number format: ``bf16`` where the CPU has AMX bf16 tiles, else
+    ``fp32``. ``precision`` forces one (``"fp32"`` / ``"bf16"``)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if "amx_bf16" in (_cpu_flags() or ()) else "fp32"
 
 
 def _ivf_join(
@@ -346,72 +391,92 @@ def _ivf_join(
     progress: ProgressTask | None,
     nprobe: int = IVF_NPROBE,
     scale: float = 1.0,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, IndexInfo]:
     """All-vs-all near pairs on CPU as an IVF *join*: the same cells and probes as a FAISS IVF
-    search, but each cell is compared with every row that probes it in one BLAS product,
+    search, but each cell is compared with every row that probes it in one matrix product,
     instead of one query at a time.
 
     1. Centered PCA to ``FILTER_DIM`` components; k-means (FAISS) on the top ``REDUCED_DIM``
        gives ``nlist`` cells; each row lives in its nearest cell and probes its ``nprobe``
        nearest.
-    2. Per cell: squared distances, on the ``FILTER_DIM`` components, between its members and
-       the rows probing it (a GEMM). A pair is a candidate when that distance is within the
-       bound of the threshold (lossless: a projection never lengthens a difference), keeping
-       each row's ``k`` nearest per cell, so one giant cluster cannot flood memory.
+    2. Per cell, one product gives ``-|q - m|^2 / 2`` on the ``FILTER_DIM`` components for
+       every (row probing it, member) pair (``_join_operands``: no pass over the block to
+       turn dot products into distances). A pair is a candidate when that is within the bound
+       of the threshold (lossless: a projection never lengthens a difference), keeping each
+       row's ``k`` nearest per cell, so one giant cluster cannot flood memory.
     3. Each distinct candidate pair is re-scored once with the full vectors.
+
+    The product runs in torch, whose CPU GEMM and row gathers (``index_select``) beat numpy's
+    here; where the CPU has AMX (``join_precision``) it runs in bfloat16 with float32
+    accumulation. bf16 keeps 8 significant bits, so each pair's bound is widened by the
+    worst-case rounding error, which rides in the product itself (``_join_operands``): still
+    lossless, at the price of more candidates for the exact re-score. oneDNN builds a kernel
+    per matrix shape, so in bf16 every block has ``_JOIN_ROWS`` rows and a cell's members are
+    padded to a multiple of ``_BF16_PAD`` (padding scores -1e4: never a candidate); with a
+    shape per cell, building kernels took longer than the arithmetic.
 
     Measured at 200k static pair vectors (768-d) on 2 cores: 3x faster than FAISS IVFFlat
     top-k search in 64-d plus re-scoring, with the same or more edges (no global top-k cap).
+    Then numpy float32 5.1 s -> torch bf16 on AMX ... s, the same 10,592 edges.
     Tried and dropped: fitting the cells and projecting each block on a background thread
     while the encoder runs. The encoder keeps ~1.5 of the 2 cores busy, and the stolen time
     cost it more than the search saved (20k rows: 5.74 s vs 5.53 s over 4 runs each; 200k:
     51.1 s vs 50.0 s).
     """
+    import torch
+
     faiss = _faiss()
     n, dim = vectors.shape
     nlist = _nlist(n)
     nprobe = min(nprobe, nlist)
-    info = IndexInfo("ivf", "cpu", n, min(dim, FILTER_DIM), nlist, nprobe, join=True)
+    bf16 = join_precision(precision) == "bf16"
+    info = IndexInfo("ivf", "cpu", n, min(dim, FILTER_DIM), nlist, nprobe, join=True, gemm="bf16" if bf16 else "fp32")
     proj, offset = pca(_f32(_sample(vectors, _PCA_SAMPLE), scale), FILTER_DIM)
-    width = proj.shape[1]
-    # The rows on the filter components, plus a column of ones: with each cell's members
-    # carrying -|m|^2/2 there, one GEMM gives q.m - |m|^2/2, and |q - m|^2 <= bound reads
-    # q.m - |m|^2/2 >= (|q|^2 - bound)/2: no pass over the block to turn products into distances.
-    wide = np.empty((n, width + 1), np.float32)
-    wide[:, width] = 1
-    _project(vectors, proj * np.float32(scale), offset, out=wide[:, :width])  # (scale x) P = x (scale P)
-    coarse = np.ascontiguousarray(wide[:, :REDUCED_DIM])
+    floor = -0.5 * _bound(threshold)  # a candidate has -|q - m|^2/2 >= floor
+    ops, coarse = _join_operands(vectors, proj, offset, scale, bf16)
     # 5 iterations: cells only route pairs; 3 vs 10 iterations found the same edges at 200k rows
     kmeans = faiss.Kmeans(REDUCED_DIM, nlist, niter=5, seed=1234, max_points_per_centroid=40)
     kmeans.train(_sample(coarse, 40 * nlist))
     _, probes = kmeans.index.search(coarse, nprobe)  # column 0: the row's own cell
     del coarse
     members, member_start = _by_cell(probes[:, 0], nlist)
-    probers, prober_start = _by_cell(probes.ravel(), nlist)
-    probers //= nprobe  # flat position -> row
-    half = 0.5 * np.einsum("ij,ij->i", wide[:, :width], wide[:, :width])
-    need = half - 0.5 * _bound(threshold)  # a row's least q.m - |m|^2/2 for a candidate pair
+    # rank-major, so each cell's probers start with its own members, in the members' order:
+    # a row meets itself on the diagonal of the cell's first rows, masked below
+    probers, prober_start = _by_cell(probes.T.ravel(), nlist)
+    probers %= n  # flat position -> row
+    members_t, probers_t = torch.from_numpy(members), torch.from_numpy(probers)
+    # the floor in the block's dtype, rounded down (a bf16 comparison rounds the scalar too)
+    lim = torch.tensor(floor * (1 + 2 * (_BF16_U if bf16 else 2.0**-24)), dtype=ops.dtype)
+    assert lim.item() <= floor
     packed: list[np.ndarray] = []
     for cell in range(nlist):
         mem = members[member_start[cell] : member_start[cell + 1]]
-        rows = probers[prober_start[cell] : prober_start[cell + 1]]
-        if not len(mem) or not len(rows):
+        if not len(mem) or prober_start[cell] == prober_start[cell + 1]:
             continue
-        mem_t = wide[mem].T  # (width + 1, members): the GEMM's right side, as BLAS reads it
-        mem_t[width] = -half[mem]
-        step = max(1, _JOIN_BLOCK // len(mem))
-        for start in range(0, len(rows), step):
-            q = rows[start : start + step]
-            d = wide[q] @ mem_t  # one cache-sized block
-            near = np.flatnonzero(d.max(axis=1) >= need[q])  # a fast reduction first: few rows have any
-            qi, mi = np.nonzero(d[near] >= need[q[near], None])
-            qi = near[qi]
+        mem_t = _cell_operand(ops, members_t[member_start[cell] : member_start[cell + 1]], floor, bf16).T
+        block = min(_JOIN_ROWS, max(1, _JOIN_BLOCK // mem_t.shape[1]))
+        for start in range(prober_start[cell], prober_start[cell + 1], block):
+            stop = min(start + block, prober_start[cell + 1])
+            idx = probers_t[start:stop]
+            if bf16 and len(idx) < block:  # the fixed shape: repeat the last row, ignore its results
+                idx = torch.cat([idx, idx[-1:].expand(block - len(idx))])
+            d = (torch.index_select(ops, 0, idx) @ mem_t)[: stop - start]
+            own = start - prober_start[cell]  # this block's first position among the cell's probers
+            if own < len(mem):  # rows [own, len(mem)) of the cell's probers are its members
+                diag = torch.arange(own, min(len(mem), stop - prober_start[cell]))
+                d[diag - own, diag] = -1e4
+            near = np.flatnonzero((d.amax(1) >= lim).numpy())  # a fast reduction first: few rows have any
+            if not len(near):
+                continue
+            sub = d.index_select(0, torch.from_numpy(near))
+            qi, mi = np.nonzero((sub >= lim).numpy())
+            q = probers[start:stop][near]
             a, b = q[qi], mem[mi]
-            other = a != b  # a row is not its own pair
-            qi, a, b = qi[other], a[other], b[other]
             counts = np.bincount(qi, minlength=len(q))
-            if counts.max(initial=0) > k:  # keep each row's k nearest in this cell
-                qi, a, b = _nearest_k(d, qi, mi[other], a, b, counts, k)
+            if counts.max(initial=0) > k:  # keep each row's k nearest in this cell, by their
+                # exact cosines (bf16 filter values are too coarse to rank near neighbours)
+                qi, a, b = _nearest_k(pair_cosines(vectors, a, b, scale), qi, a, b, counts, k)
             packed.append(np.minimum(a, b) * n + np.maximum(a, b))
         if progress is not None:
             progress.advance(len(mem))
@@ -422,10 +487,83 @@ def _ivf_join(
     return i[hit], j[hit], s[hit], info
 
 
-def _nearest_k(d, qi, mi, a, b, counts, k):
-    """Of the candidate (a, b) pairs (block positions qi, mi into ``d``), keep at most the
-    ``k`` nearest per query row."""
-    order = np.lexsort((-d[qi, mi], qi))  # by row, then by distance (d grows as the distance shrinks)
+_BF16_U = 2.0**-8  # bfloat16's unit roundoff (8 significant bits, round to nearest)
+_ACC = 264 * 2.0**-24  # float32 accumulation over the operands' columns, relative to the magnitudes
+
+
+def _join_operands(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray, scale: float, bf16: bool) -> tuple:
+    """The join's row operands as a torch (n, FILTER_DIM + 8) tensor (bf16 or float32), and the
+    top ``REDUCED_DIM`` components for the cells (numpy float32). ``p = (x - mean) P`` is
+    computed a chunk at a time in float32 (``x`` being ``scale`` times a row of ``vectors``);
+    with ``h = |p|^2 / 2 - (|x|^2 - 1) / 2`` a row is::
+
+        [p, 1, 1, -h', -h'', |p|, h, 1, 0]      and a member (``_cell_operand``)
+        [p, -h', -h'', 1, 1, a N, b, b H + c, 0]
+
+    (``h'`` + ``h''`` is h in two bf16 numbers, so it loses no bits), and a row times a
+    member is ``-|q - m|^2/2 + (|x_q|^2 + |x_m|^2)/2 - 1``, which is at least ``floor`` when
+    ``x_q . x_m`` reaches the threshold (``_bound``: the float16 unit vectors' norms are not
+    quite 1), plus, in bf16, the most that rounding can take off it:
+    ``a |q| N + b (h_q + H) + c``, N and H being the cell's largest norm and h. Rounding the
+    inputs to bf16 moves ``q.m`` by at most ``(2u + u^2)|q||m|`` and each split h by ``u^2
+    h``; float32 accumulation adds ``_ACC`` of the magnitudes; the result's own rounding
+    moves it by ``u`` of itself, ``u |floor|`` near the floor; 10% on top covers the rounding
+    of the slack columns themselves (~3u of them). In float32 the slack columns stay 0."""
+    import torch
+
+    n, width = len(vectors), proj.shape[1]
+    ops = torch.empty((n, width + 8), dtype=torch.bfloat16 if bf16 else torch.float32)
+    ops[:, width + 3 :] = 0
+    coarse = np.empty((n, REDUCED_DIM), np.float32)
+    proj_t, offset_t = torch.from_numpy(proj * np.float32(scale)), torch.from_numpy(offset)
+    chunk = torch.empty((min(n, _SEARCH_CHUNK), width), dtype=torch.float32)
+    for start, stop in _chunks(n, _SEARCH_CHUNK):
+        p = chunk[: stop - start]
+        x = _as_tensor(vectors[start:stop]).float()
+        torch.matmul(x, proj_t, out=p)  # (scale x) P = x (scale P)
+        p -= offset_t
+        h = 0.5 * torch.linalg.vecdot(p, p, dim=1)
+        excess = 0.5 * (scale * scale * torch.linalg.vector_norm(x, dim=1).square() - 1)  # 9x einsum's speed
+        coarse[start:stop] = p[:, :REDUCED_DIM].numpy()
+        rows = ops[start:stop]
+        rows[:, :width] = p
+        rows[:, width : width + 2] = 1
+        rows[:, width + 2] = excess - h
+        rows[:, width + 3] = (excess - h - rows[:, width + 2].float()) if bf16 else 0  # what bf16 dropped
+        if bf16:
+            rows[:, width + 4] = torch.sqrt(2 * h)
+            rows[:, width + 5] = (h - excess).abs()
+            rows[:, width + 6] = 1
+    return ops, coarse
+
+
+def _cell_operand(ops, mem, floor: float, bf16: bool):
+    """A cell's members as the right side of the product (see ``_join_operands``), padded in
+    bf16 to a multiple of ``_BF16_PAD`` rows that score -1e4 against any row."""
+    import torch
+
+    width = ops.shape[1] - 8
+    rows = -(-len(mem) // _BF16_PAD) * _BF16_PAD if bf16 else len(mem)
+    out = torch.zeros((rows, ops.shape[1]), dtype=ops.dtype)
+    m = out[: len(mem)]
+    torch.index_select(ops, 0, mem, out=m)
+    m[:, width : width + 4] = m[:, [width + 2, width + 3, width, width + 1]]
+    if bf16:
+        u = _BF16_U
+        grow = 1.1 * (1 + u)
+        # each member's norm and h, from their bf16 copies (which may have rounded down)
+        norm, half = m[:, width + 4].float() * (1 + u), m[:, width + 5].float() * (1 + u)
+        m[:, width + 4] = grow * (2 * u + u * u + _ACC) * norm
+        m[:, width + 5] = grow * (u * u + _ACC)
+        m[:, width + 6] = grow * (u * u + _ACC) * half + 1.1 * u * -floor
+        out[len(mem) :, width] = -1e4
+    return out
+
+
+def _nearest_k(score, qi, a, b, counts, k):
+    """Of the candidate (a, b) pairs of block rows ``qi`` (``score``: their cosines), keep at
+    most the ``k`` nearest per block row."""
+    order = np.lexsort((-score, qi))  # by row, then by distance (d grows as the distance shrinks)
     starts = np.r_[0, np.cumsum(counts)][qi[order]]
     rank = np.arange(len(order)) - starts
     keep = order[rank < k]
@@ -433,7 +571,10 @@ def _nearest_k(d, qi, mi, a, b, counts, k):
 
 
 def _by_cell(cells: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions sorted by cell, start offset of each cell) for ``cells`` (ints in [0, nlist))."""
+    """(positions sorted by cell, start offset of each cell) for ``cells`` (ints in [0, nlist)).
+    As uint16 where they fit, numpy's stable sort is a radix sort: 1.6M probes 0.10 -> 0.02 s."""
+    if nlist <= 1 << 16:
+        cells = cells.astype(np.uint16)
     order = np.argsort(cells, kind="stable")
     return order, np.searchsorted(cells[order], np.arange(nlist + 1))
 
@@ -449,15 +590,21 @@ def pair_sq_distances(points: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.nd
 
 def pair_cosines(vectors: np.ndarray, i: np.ndarray, j: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """``scale^2 vectors[i] . vectors[j]`` row by row (in float32), gathering a bounded
-    number of rows at a time."""
-    out = np.empty(len(i), np.float32)
+    number of rows at a time. torch's gathers and float16 casts are vectorized where numpy's
+    are not (97k pairs of 768-d float16 rows: 0.56 -> 0.29 s); the result does not depend
+    on the order or chunking of the pairs."""
+    import torch
+
+    out = torch.empty(len(i), dtype=torch.float32)
+    table = _as_tensor(vectors)
+    i_t, j_t = torch.from_numpy(np.asarray(i, np.int64)), torch.from_numpy(np.asarray(j, np.int64))
     for start, stop in _chunks(len(i), _PAIR_CHUNK):
-        a = np.asarray(vectors[i[start:stop]], np.float32)
-        b = np.asarray(vectors[j[start:stop]], np.float32)
-        out[start:stop] = np.einsum("ij,ij->i", a, b)
+        a = table.index_select(0, i_t[start:stop]).float()
+        b = table.index_select(0, j_t[start:stop]).float()
+        out[start:stop] = torch.linalg.vecdot(a, b, dim=1)  # 3x einsum's speed at 768-d
     if scale != 1.0:
-        out *= np.float32(scale * scale)
-    return out
+        out *= scale * scale
+    return out.numpy()
 
 
 def _f32(vectors: np.ndarray, scale: float = 1.0) -> np.ndarray:

@@ -100,6 +100,8 @@ class RowVectors:
     def _encode(self, batch: pa.RecordBatch, rows: np.ndarray, rendered: dict[str, pa.Array]) -> None:
         """Embed ``rows`` of ``batch`` into the next slots: each part column's distinct texts
         once, their float16 unit vectors gathered straight into the part's block."""
+        import torch  # here, not at import: the CLI starts without it
+
         embedder, count, slot = self.embedder, len(rows), self._slots
         dim = embedder.dim
         if self.matrix is None:  # a slot per input row at most: provisional + re-read rows <= rows
@@ -109,7 +111,9 @@ class RowVectors:
         which = None if count == batch.num_rows else rows
         for k, name in enumerate(self.names):
             vecs, inverse = embedder.encode_distinct(columns[name], progress=self._task, rows=which)
-            self.matrix[slot : slot + count, k * dim : (k + 1) * dim] = vecs[inverse]
+            # torch's gather moves rows with vector copies, numpy's element by element (2 bytes)
+            block = torch.from_numpy(self.matrix)[slot : slot + count, k * dim : (k + 1) * dim]
+            block.copy_(torch.from_numpy(vecs).index_select(0, torch.from_numpy(inverse.astype(np.int64))))
         self._slots += count
 
     # -- after the exact pass --------------------------------------------------------------
