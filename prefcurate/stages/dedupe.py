@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from prefcurate.errors import ConfigError
@@ -286,14 +287,16 @@ def _write_pass(
         stop = start + batch.num_rows
         reason = d.reason[start:stop]
         dup = d.dup_of[start:stop]
-        dup_ids = ids.take(pa.array(np.where(dup >= 0, dup, 0))).to_numpy(zero_copy_only=False).astype(object)
-        dup_ids[dup < 0] = None
+        # the kept rows' ids in Arrow (no Python string per row), null where nothing is duplicated
+        dup_ids = ids.take(pa.array(np.where(dup >= 0, dup, 0)))
+        dup_ids = pc.if_else(pa.array(dup >= 0), dup_ids, pa.scalar(None, pa.string()))
         contam = (reason == CONTAM) & (d.eval_match[start:stop] >= 0)
         if contam.any():
-            dup_ids[contam] = refs[d.eval_match[start:stop][contam]]
+            hits = pa.array(refs[d.eval_match[start:stop][contam]].tolist(), pa.string())
+            dup_ids = pc.replace_with_mask(dup_ids, pa.array(contam), hits)
         sim = d.similarity[start:stop].astype(np.float64)
         extra = {
-            "duplicate_of": pa.array(dup_ids.tolist(), pa.string()),
+            "duplicate_of": dup_ids,
             "similarity": pa.array(sim, pa.float64(), mask=np.isnan(sim)),
         }
         yield split(batch, reason == KEEP, names[reason], extra=extra)
