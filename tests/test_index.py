@@ -135,6 +135,19 @@ def test_ivf_join_filter_is_lossless_at_the_threshold(precision):
     assert (s >= 0.9).all()
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_giant_cell_of_identical_rows_is_one_capped_component_in_the_join(precision):
+    """5,200 copies of one vector: k-means puts them all in one cell, every pair is a
+    candidate, and each row must still keep at most k links per cell while the copies
+    stay one cluster, without the edges growing with the square of the rows."""
+    rng = np.random.default_rng(5)
+    rows = np.tile(_unit(rng.normal(size=(1, 128))), (5_200, 1)).astype(np.float16)
+    i, j, s, info = _ivf_join(rows, 0.9, 8, None, precision=precision)
+    assert info.join and len(i) <= 8 * len(rows)
+    assert len(set(connected_components(len(rows), i, j).tolist())) == 1
+    assert (s >= 0.9).all() and (i < j).all()
+
+
 def test_join_precision_is_bf16_only_with_amx(monkeypatch):
     import prefcurate.backends.index as index
 
