@@ -17,7 +17,7 @@ from prefcurate.backends.index import (
     resolve_index_device,
     similar_pairs,
 )
-from prefcurate.errors import MissingDependency
+from prefcurate.errors import InputError, MissingDependency
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -157,8 +157,11 @@ def test_join_precision_is_bf16_only_with_amx(monkeypatch):
     assert index.join_precision() == "fp32"
     monkeypatch.setattr(index, "_cpu_flags", lambda: None)
     assert index.join_precision() == "fp32" and index.join_precision("bf16") == "bf16"
-    with pytest.raises(ValueError):
-        index.join_precision("int8")
+    monkeypatch.setenv("PREFCURATE_JOIN_PRECISION", "bf16")
+    assert index.join_precision() == "bf16" and index.join_precision("fp32") == "fp32"
+    monkeypatch.setenv("PREFCURATE_JOIN_PRECISION", "int8")
+    with pytest.raises(InputError):
+        index.join_precision()
 
 
 def test_nearest_returns_best_base_row_per_query():

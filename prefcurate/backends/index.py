@@ -380,10 +380,14 @@ def similar_pairs(
 
 
 def join_precision(precision: str = "auto") -> str:
-    """The IVF join's GEMM number format: ``bf16`` where the CPU has AMX bf16 tiles, else
-    ``fp32``. ``precision`` forces one (``"fp32"`` / ``"bf16"``)."""
+    """The IVF join's GEMM number format: ``bf16`` where the CPU has AMX bf16 tiles (where
+    it was measured to pay; without AMX, oneDNN's bf16 is no faster than float32), else
+    ``fp32``. ``precision``, or else the ``PREFCURATE_JOIN_PRECISION`` environment variable,
+    forces one (``fp32`` / ``bf16``); both find the same edges."""
+    if precision == "auto":
+        precision = os.environ.get("PREFCURATE_JOIN_PRECISION", "").strip().lower() or "auto"
     if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+        raise InputError(f"join precision must be auto, fp32 or bf16, not {precision!r} (PREFCURATE_JOIN_PRECISION)")
     if precision != "auto":
         return precision
     return "bf16" if "amx_bf16" in (_cpu_flags() or ()) else "fp32"
