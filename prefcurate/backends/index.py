@@ -299,14 +299,19 @@ def _as_tensor(a: np.ndarray):
     return torch.from_numpy(a)
 
 
-def _sq_max(vectors: np.ndarray) -> float:
-    """The largest squared row norm (1 for unit vectors; 0 for none), a chunk at a time."""
+def _sq_norms(vectors: np.ndarray) -> np.ndarray:
+    """Each row's squared norm (float32), a chunk at a time."""
     import torch
 
-    table, top = _as_tensor(vectors), 0.0
+    table, out = _as_tensor(vectors), torch.empty(len(vectors), dtype=torch.float32)
     for start, stop in _chunks(len(vectors), _SEARCH_CHUNK):
-        top = max(top, float(torch.linalg.vector_norm(table[start:stop].float(), dim=1).max()) ** 2)
-    return top
+        out[start:stop] = torch.linalg.vector_norm(table[start:stop].float(), dim=1).square()
+    return out.numpy()
+
+
+def _sq_max(vectors: np.ndarray) -> float:
+    """The largest squared row norm (1 for unit vectors; 0 for none)."""
+    return float(_sq_norms(vectors).max(initial=0.0))
 
 
 def _sample(vectors: np.ndarray, size: int) -> np.ndarray:
@@ -370,7 +375,7 @@ def similar_pairs(
         s = np.concatenate(sims)[first] if sims else np.zeros(0, np.float32)
     else:
         if index.wide is not None:  # a second, tighter projection bound before the full vectors
-            sq = pair_cosines(vectors, np.arange(len(vectors)), np.arange(len(vectors)))
+            sq = _sq_norms(vectors)
             near = pair_sq_distances(index.wide, i, j) <= _bound(threshold, sq[i] + sq[j])
             i, j = i[near], j[near]
         s = pair_cosines(vectors, i, j)
@@ -512,14 +517,14 @@ def _join_operands(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray, sc
     computed a chunk at a time in float32 (``x`` being ``scale`` times a row of ``vectors``);
     with ``h = |p|^2 / 2 - (|x|^2 - 1) / 2`` a row is::
 
-        [p, 1, 1, -h', -h'', |p|, h, 1, 0]      and a member (``_cell_operand``)
-        [p, -h', -h'', 1, 1, a N, b, b H + c, 0]
+        [p, 1, 1, -h', -h'', |p|, |h|, 1, 0]      and a member (``_cell_operand``)
+        [p, -h', -h'', 1, 1, a |p|, b, b |h| + c, 0]
 
     (``h'`` + ``h''`` is h in two bf16 numbers, so it loses no bits), and a row times a
     member is ``-|q - m|^2/2 + (|x_q|^2 + |x_m|^2)/2 - 1``, which is at least ``floor`` when
     ``x_q . x_m`` reaches the threshold (``_bound``: the float16 unit vectors' norms are not
     quite 1), plus, in bf16, the most that rounding can take off it:
-    ``a |q| N + b (h_q + H) + c``, N and H being the cell's largest norm and h. Rounding the
+    ``a |q| |m| + b (|h_q| + |h_m|) + c`` (a rank-3 term, so the GEMM adds it). Rounding the
     inputs to bf16 moves ``q.m`` by at most ``(2u + u^2)|q||m|`` and each split h by ``u^2
     h``; float32 accumulation adds ``_ACC`` of the magnitudes; the result's own rounding
     moves it by ``u`` of itself, ``u |floor|`` near the floor; 10% on top covers the rounding
@@ -578,7 +583,7 @@ def _cell_operand(ops, mem, floor: float, bf16: bool):
 def _nearest_k(score, qi, a, b, counts, k):
     """Of the candidate (a, b) pairs of block rows ``qi`` (``score`` grows as the distance
     shrinks), keep at most the ``k`` nearest per block row."""
-    order = np.lexsort((-score, qi))  # by row, then by distance (d grows as the distance shrinks)
+    order = np.lexsort((-score, qi))  # by row, then nearest first
     starts = np.r_[0, np.cumsum(counts)][qi[order]]
     rank = np.arange(len(order)) - starts
     keep = order[rank < k]
