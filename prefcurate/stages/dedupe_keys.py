@@ -80,7 +80,12 @@ def normalize_column(values: pa.Array, options: Iterable[str]) -> pa.Array:
 
 def _nfkc(values: pa.Array) -> pa.Array:
     """NFKC leaves ASCII unchanged, so only the non-ASCII strings are normalized, by Python's
-    ``unicodedata`` (6x faster than Arrow's ``utf8_normalize`` on HH-RLHF text)."""
+    ``unicodedata`` (6x faster than Arrow's ``utf8_normalize`` on HH-RLHF text).
+
+    Tried and dropped: normalizing only the strings holding a character that NFKC may change
+    (a set built from ``unicodedata``: 0.2% of the bench's strings, against 45% non-ASCII),
+    found by one RE2 scan. Same output, but Arrow's RE2 scans ~350 MB/s, so 200k prompts
+    took 0.31 s instead of 0.38 s: not worth the code."""
     other = pc.invert(pc.fill_null(pc.string_is_ascii(values), True))
     if not pc.any(other).as_py():
         return values
