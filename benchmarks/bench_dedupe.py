@@ -235,6 +235,10 @@ def bench_size(n: int, model: str, work: Path, device: str = "auto", repeat: int
                 "model2vec_encode_only_s": library and round(library, 2),
                 "ratio_total_to_model2vec_encode": library and round(total / library, 3),
                 "search_s": extra.get("search_seconds"),
+                # the last stage run's phases: model time inside the first pass (hashing,
+                # embedding glue, model load), the search, and the rest (decisions, writing)
+                "last_run_model_s": extra.get("model_seconds"),
+                "last_run_first_pass_s": extra.get("hash_and_embed_seconds"),
                 "rerun_threshold_change_s": round(rerun, 2),
                 "rerun_texts_encoded": extra2["texts"]["encoded"],
                 **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in quality.items()},
