@@ -199,7 +199,9 @@ class NeighborIndex:
         else:
             base = np.ascontiguousarray(vectors, dtype=np.float32)
         self.base = base
-        self.sq_max = 1.0 if self.exact else _sq_max(vectors)  # for the approximate bound only
+        # squared row norms, for the approximate paths' bounds (not needed by an exact search)
+        self.sq = None if self.exact else _sq_norms(vectors)
+        self.sq_max = 1.0 if self.sq is None else float(self.sq.max(initial=0.0))
         index = self._make(faiss, kind, base.shape[1], n, nprobe)
         if self.device == "cuda":
             self._res = faiss.StandardGpuResources()
@@ -277,11 +279,9 @@ def _bound(threshold: float, sq_sum: float | np.ndarray = 2.0) -> float | np.nda
     return sq_sum - 2 * threshold + 1e-4
 
 
-def _project(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """(x - mean) P, computed as x P - mean P (no centered copy of x), in bounded chunks,
-    into ``out`` when given (a view, e.g. the leading columns of a wider matrix)."""
-    if out is None:
-        out = np.empty((len(vectors), proj.shape[1]), np.float32)
+def _project(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """(x - mean) P, computed as x P - mean P (no centered copy of x), in bounded chunks."""
+    out = np.empty((len(vectors), proj.shape[1]), np.float32)
     for start, stop in _chunks(len(vectors), _SEARCH_CHUNK):
         np.matmul(np.asarray(vectors[start:stop], np.float32), proj, out=out[start:stop])
         out[start:stop] -= offset
@@ -375,8 +375,7 @@ def similar_pairs(
         s = np.concatenate(sims)[first] if sims else np.zeros(0, np.float32)
     else:
         if index.wide is not None:  # a second, tighter projection bound before the full vectors
-            sq = _sq_norms(vectors)
-            near = pair_sq_distances(index.wide, i, j) <= _bound(threshold, sq[i] + sq[j])
+            near = pair_sq_distances(index.wide, i, j) <= _bound(threshold, index.sq[i] + index.sq[j])
             i, j = i[near], j[near]
         s = pair_cosines(vectors, i, j)
         hit = s >= threshold
