@@ -88,6 +88,37 @@ def test_cache_merges_small_segments_without_losing_a_vector(tmp_path):
     np.testing.assert_array_equal(out[:60], vecs[::-1])
 
 
+def test_deferred_adds_are_found_at_once_and_written_as_one_segment(tmp_path):
+    """With ``defer``, adds below the checkpoint size stay in memory (lookups see them) until
+    flush or close writes them, together, as one segment; an add that reaches it is written
+    at once. Without, every add is a segment on disk."""
+    from prefcurate.backends.embed import _CHECKPOINT_TEXTS
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "c"
+    cache = EmbeddingCache(root, 4)
+    cache.defer = True
+    keys = rng.integers(0, 2**63, size=(30, 2), dtype=np.uint64)
+    vecs = rng.standard_normal((30, 4)).astype(np.float16)
+    for k in range(0, 30, 10):
+        cache.add(keys[k : k + 10], vecs[k : k + 10])
+    out = np.zeros((30, 4), np.float16)
+    assert cache.lookup(keys, out).all() and (out == vecs).all()
+    assert not list(root.glob("*.npy"))  # nothing on disk yet
+    cache.close()
+    assert len(list(root.glob("*.keys.npy"))) == 1
+    again = EmbeddingCache(root, 4)
+    out[:] = 0
+    assert again.segments == 1 and again.lookup(keys, out).all() and (out == vecs).all()
+    again.defer = True
+    big = rng.integers(0, 2**63, size=(_CHECKPOINT_TEXTS, 2), dtype=np.uint64)
+    again.add(big, np.zeros((_CHECKPOINT_TEXTS, 4), np.float16))
+    assert len(list(root.glob("*.keys.npy"))) == 2  # written without a flush
+    again.defer = False
+    again.add(keys[:1] + 1, vecs[:1])
+    assert len(list(root.glob("*.keys.npy"))) == 3
+
+
 def test_lookups_between_adds_find_every_segment_so_far(tmp_path):
     """Segments added after the first lookup live in a second level until it is merged into
     the main one: a lookup must see both, before and after each merge."""

@@ -55,7 +55,7 @@ STATIC_VERSION = 1  # bump when the distillation recipe changes: it is part of t
 # (precision 1.0) at 92 texts/s.
 CPU_DEFAULT = "static"
 KEY_SCHEME = "xxh3"  # how text_key hashes: part of each cache directory's name
-_CHECKPOINT_TEXTS = 65_536  # fresh vectors saved as a segment at least this often
+_CHECKPOINT_TEXTS = 65_536  # fresh vectors written as a segment at least this often
 _SMALL_SEGMENT = 8192  # segments below this many texts are merged when there are too many
 _MAX_SEGMENTS = 16
 
@@ -150,6 +150,7 @@ class EmbeddingCache:
         self._vecs: list[np.ndarray] = []
         self._index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._recent: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # see ``add``
+        self.defer = False  # see ``add``
         self._load()
         small = [k for k, keys in enumerate(self._keys) if len(keys) < _SMALL_SEGMENT]
         if len(small) > _MAX_SEGMENTS:
@@ -157,6 +158,8 @@ class EmbeddingCache:
 
     def _load(self) -> None:
         self._keys, self._vecs, self._names = [], [], []
+        self._unsaved: list[int] = []  # in-memory segments not yet written (``add``)
+        self._unsaved_texts = 0
         for key_path in sorted(self.root.glob("*.keys.npy")):
             name = key_path.name[: -len(".keys.npy")]
             try:
@@ -206,16 +209,19 @@ class EmbeddingCache:
         return hit
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        """Write one segment (keys (n, 2) uint64, vectors (n, dim))."""
+        """Add keys (n, 2) uint64 and their vectors (n, dim) as a segment, written at once.
+        With ``defer`` set, lookups find them at once but they reach the disk as one segment
+        per ``_CHECKPOINT_TEXTS`` texts, and on ``flush`` or ``close``: dedupe adds a part
+        column per batch, which at 1M rows was ~700 small files, each listed, read and merged
+        again on the next open."""
         if not len(keys):
             return
-        name = f"{time.time_ns():016x}-{uuid.uuid4().hex[:8]}"
         vecs = np.ascontiguousarray(vectors, dtype=np.float16)
-        self._write(f"{name}.vecs.npy", vecs)
-        self._write(f"{name}.keys.npy", np.ascontiguousarray(keys, dtype=np.uint64))
         self._keys.append(np.asarray(keys, np.uint64))
         self._vecs.append(vecs)
-        self._names.append(name)
+        self._names.append(None)  # named when written
+        self._unsaved.append(len(self._keys) - 1)
+        self._unsaved_texts += len(keys)
         if self._index is not None:
             # New segments go to a small second level, merged into the main one when it reaches a
             # quarter of its size: each key is moved O(log n) times, where merging every segment into
@@ -224,6 +230,20 @@ class EmbeddingCache:
             self._recent = new if self._recent is None else _merge_levels(self._recent, new)
             if 4 * len(self._recent[0]) > len(self._index[0]):
                 self._index, self._recent = _merge_levels(self._index, self._recent), None
+        if not self.defer or self._unsaved_texts >= _CHECKPOINT_TEXTS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what was added since the last write, as one segment."""
+        if not self._unsaved:
+            return
+        name = f"{time.time_ns():016x}-{uuid.uuid4().hex[:8]}"
+        parts = self._unsaved
+        self._write(f"{name}.vecs.npy", np.concatenate([self._vecs[k] for k in parts]))
+        self._write(f"{name}.keys.npy", np.concatenate([self._keys[k] for k in parts]))
+        for k in parts:
+            self._names[k] = name
+        self._unsaved, self._unsaved_texts = [], 0
 
     def _write(self, name: str, array: np.ndarray) -> None:
         tmp = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -239,6 +259,7 @@ class EmbeddingCache:
         _, first = np.unique(keys, axis=0, return_index=True)
         old = [self._names[k] for k in which]
         self.add(keys[first], vecs[first])
+        self.flush()  # the merged segment is on disk before its parts go
         for name in old:
             for suffix in (".keys.npy", ".vecs.npy"):  # keys first: a listed segment stays whole
                 with contextlib.suppress(FileNotFoundError):
@@ -254,6 +275,7 @@ class EmbeddingCache:
         return len(self._keys)
 
     def close(self) -> None:
+        self.flush()
         self._keys, self._vecs, self._names, self._index, self._recent = [], [], [], None, None
 
 
@@ -301,9 +323,9 @@ class Embedder:
 
         Distinct texts are found by Arrow's hash table (``dictionary_encode``), so a text
         repeated in the call costs no Python work: only distinct texts are hashed for the
-        cache, looked up and encoded. Fresh vectors go to the cache as a segment every
-        ``_CHECKPOINT_TEXTS`` texts and at the end, so an interrupted long encode keeps most of
-        its work."""
+        cache, looked up and encoded. Fresh vectors go to the cache every
+        ``_CHECKPOINT_TEXTS`` texts and at the end (on disk every ``_CHECKPOINT_TEXTS`` texts
+        and at ``close``), so an interrupted long encode keeps most of its work."""
         batch_size = batch_size or self.default_batch_size
         coded = pc.dictionary_encode(_text_array(texts))
         distinct, inverse = coded.dictionary, coded.indices.to_numpy(zero_copy_only=False)

@@ -75,6 +75,7 @@ class RowVectors:
         if self._embedder is None:
             waited = time.perf_counter()
             self._embedder = self._loading.result()
+            self._embedder.cache.defer = True  # a segment per 64k texts, not per part and batch (closed by the stage)
             self._ctx.extra["model_load_seconds"] = round(self._loading.seconds, 3)
             self._ctx.extra["model_wait_seconds"] = round(time.perf_counter() - waited, 3)
             self._ctx.progress.note(f"dedupe: embedding with {self._embedder.name} on {self._embedder.device}")
