@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from prefcurate.errors import ConfigError
-from prefcurate.idle import IdleHelper
 from prefcurate.shards import files_fingerprint
 from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, split
 from prefcurate.stages.dedupe_groups import (
@@ -44,7 +43,6 @@ from prefcurate.stages.dedupe_groups import (
     size_histogram,
 )
 from prefcurate.stages.dedupe_keys import (
-    PairKeys,
     digest,
     load_eval_set,
     normalizer,
@@ -226,71 +224,25 @@ def _first_pass(
     keys = _Keys()
     task = ctx.progress.task("dedupe: hashing", total=source.num_rows)
     first_only = cfg.exact  # other --keep policies: their later leaders are re-read (RowVectors.finish)
-    options = dict(unordered=cfg.swapped, with_prompts=bool(eval_index))
-    options["prompt_text"] = vectors is not None and "prompt" in vectors.names
-    helper = IdleHelper() if vectors is not None else None  # only a model leaves cores idle
-    ahead = {"slices": 0, "ahead": 0}
     start = 0
-    try:
-        for batch, pk in _keyed(source.batches(columns, cfg.batch_size), cfg.normalize, options, helper, ahead):
-            keys.ids.append(batch.column("id").cast(pa.string()))
-            keys.groups.append(pk.group)
-            keys.orientation.append(pk.orientation)
-            keys.tie.append(batch.column("tie").fill_null(False).to_numpy(zero_copy_only=False))
-            if cfg.keep == "longest":
-                keys.lengths.append(row_lengths(batch))
-            if cfg.keep == "highest-margin":
-                keys.margins.append(batch.column("margin_mean").cast(pa.float64()).fill_null(np.nan).to_numpy())
-            hits = [next((eval_index[h] for h in hs if h in eval_index), -1) for hs in pk.prompt_hashes]
-            keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
-            keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
-            if vectors is not None:
-                vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only, pk.rendered)
-            start += batch.num_rows
-            task.advance(batch.num_rows)
-    finally:
-        if helper is not None:
-            helper.close()
-            ctx.extra["hashed_ahead"] = {**ahead, "priority": helper.priority}
+    for batch in source.batches(columns, cfg.batch_size):
+        pk = pair_keys(batch, cfg.normalize, unordered=cfg.swapped, with_prompts=bool(eval_index))
+        keys.ids.append(batch.column("id").cast(pa.string()))
+        keys.groups.append(pk.group)
+        keys.orientation.append(pk.orientation)
+        keys.tie.append(batch.column("tie").fill_null(False).to_numpy(zero_copy_only=False))
+        if cfg.keep == "longest":
+            keys.lengths.append(row_lengths(batch))
+        if cfg.keep == "highest-margin":
+            keys.margins.append(batch.column("margin_mean").cast(pa.float64()).fill_null(np.nan).to_numpy())
+        hits = [next((eval_index[h] for h in hs if h in eval_index), -1) for hs in pk.prompt_hashes]
+        keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
+        keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
+        if vectors is not None:
+            vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only, pk.rendered)
+        start += batch.num_rows
+        task.advance(batch.num_rows)
     return _State(keys, cfg)
-
-
-_STEP_ROWS = 4096  # rows embedded while the next as many are hashed ahead
-_AHEAD_ROWS = 2048  # rows per job hashed ahead
-
-
-def _keyed(batches, normalize, options: dict, helper: IdleHelper | None, ahead: dict) -> Iterator[tuple]:
-    """Each batch with its ``PairKeys``. With a ``helper``, batches are cut into steps of
-    ``_STEP_ROWS`` rows and the next step is hashed on the helper while the caller embeds
-    this one, in jobs of ``_AHEAD_ROWS`` rows: what the helper has not finished when it is
-    needed is hashed here (``prefcurate.idle.Job``), so a late helper wastes one job at most.
-
-    Measured (``bench_dedupe.py``'s data, 2 interleaved runs each): at 200k rows the stage's
-    time outside the model fell from 8.9 to 7.2 s (in-run ratio 1.20 -> 1.16); at 20k rows
-    no change beyond the noise (the first step is hashed before the model starts, and the
-    rest is 0.15 s)."""
-    if helper is None:
-        for batch in batches:
-            yield batch, pair_keys(batch, normalize, **options)
-        return
-    steps = (batch.slice(lo, _STEP_ROWS) for batch in batches for lo in range(0, batch.num_rows, _STEP_ROWS))
-    batch, jobs = next(steps, None), []
-    while batch is not None:
-        if jobs:
-            pk = PairKeys.concat([job.result() for job in jobs])
-            ahead["ahead"] += sum(job.ran_ahead for job in jobs)
-        else:
-            pk = pair_keys(batch, normalize, **options)
-        upcoming = next(steps, None)
-        jobs = []
-        if upcoming is not None:
-            for lo in range(0, upcoming.num_rows, _AHEAD_ROWS):
-                jobs.append(
-                    helper.submit(pair_keys, upcoming.slice(lo, _AHEAD_ROWS), normalize, serial=True, **options)
-                )
-            ahead["slices"] += len(jobs)
-        yield batch, pk
-        batch = upcoming
 
 
 def mark_contaminated(

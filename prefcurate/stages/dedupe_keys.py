@@ -135,37 +135,14 @@ class PairKeys:
     prompt_hashes: list[list[bytes]] = field(default_factory=list)  # full prompt + each user turn
     rendered: dict[str, pa.Array] = field(default_factory=dict)  # chosen, rejected as ``part_columns`` renders them
 
-    @classmethod
-    def concat(cls, parts: Sequence[PairKeys]) -> PairKeys:
-        """The keys of consecutive slices of a batch, as the batch's keys."""
-        if len(parts) == 1:
-            return parts[0]
-        return cls(
-            np.concatenate([p.group for p in parts]),
-            np.concatenate([p.orientation for p in parts]),
-            [h for p in parts for h in p.prompt_hashes],
-            {name: pa.concat_arrays([p.rendered[name] for p in parts]) for name in parts[0].rendered},
-        )
 
-
-def pair_keys(
-    batch: pa.RecordBatch,
-    options: Sequence[str],
-    unordered: bool,
-    with_prompts: bool,
-    serial: bool = False,
-    prompt_text: bool = False,
-) -> PairKeys:
-    """The batch's keys. The three columns go on two threads (Arrow's string kernels are
-    single-threaded and release the GIL), or with ``serial`` on the calling thread (a
-    background helper: ``prefcurate.idle``). ``prompt_text``: also render the prompt as
-    ``part_columns`` does, into ``rendered`` (the embedder's text, without roles)."""
-
+def pair_keys(batch: pa.RecordBatch, options: Sequence[str], unordered: bool, with_prompts: bool) -> PairKeys:
+    # The three columns on two threads: Arrow's string kernels are single-threaded and release the GIL.
     def render(name: str) -> tuple[pa.Array, pa.Array]:
         text = render_column(batch.column(name), roles=name == "prompt")
         return text, normalize_column(text, options)
 
-    (_, prompt), (chosen_text, chosen), (rejected_text, rejected) = (map if serial else _pool().map)(
+    (_, prompt), (chosen_text, chosen), (rejected_text, rejected) = _pool().map(
         render, ("prompt", "chosen", "rejected")
     )
     flipped = pc.greater(chosen, rejected) if unordered else pa.array(np.zeros(batch.num_rows, bool))
@@ -180,8 +157,6 @@ def pair_keys(
         norm = normalizer(options)
         prompt_hashes = [prompt_digests(p, norm) for p in batch.column("prompt").to_pylist()]
     rendered = {"chosen": chosen_text, "rejected": rejected_text}  # roles=False, as part_columns renders
-    if prompt_text:
-        rendered["prompt"] = render_column(batch.column("prompt"), roles=False)
     return PairKeys(groups, flipped.to_numpy(zero_copy_only=False).astype(bool), prompt_hashes, rendered)
 
 

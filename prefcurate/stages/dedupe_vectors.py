@@ -14,6 +14,14 @@ threaded vs 8.32 s for the two-pass serial code, within the noise, and the media
 encoding alone worse, 1.30 vs 1.16). Nor did reading and hashing the next batch on a worker
 thread while this one is embedded, though the pass averages 1.77 of the 2 cores (20k rows,
 6 interleaved runs each: median 6.59 s vs 6.54 s serial; in-run ratio 1.262 vs 1.260).
+Nor that helper at the lowest CPU priority (Linux ``SCHED_IDLE``), which runs only in the
+gaps the model leaves (its pooling after each tokenizer call is single-threaded, ~12% of
+the model's time), with the caller hashing whatever the helper had not finished: at 200k
+rows the time outside the model fell from 8.9 to 7.2 s (in-run 1.20 -> 1.16; 20k rows: no
+change), but with two CPU hogs running beside it one run's search took 18 s instead of
+1.3 s. A starved low-priority Python thread stalls every other thread that hands it the
+GIL (CPython's forced switching waits for the taker to run): priority inversion. At normal
+priority the gain was ~0.5 s at 200k, not worth a thread.
 
 ``finish`` then embeds the rows the exact pass kept that were not provisional (another
 ``--keep`` policy picked a later row of its group, or two group keys agreed on 64 bits) in
