@@ -10,7 +10,6 @@ whatever order they arrive in.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,5 +139,5 @@ def size_histogram(labels: np.ndarray) -> dict[str, int]:
     if len(labels) == 0:
         return {}
     sizes = np.bincount(labels)
-    hist = Counter(int(s) for s in sizes[sizes > 0])
-    return {str(size): hist[size] for size in sorted(hist)}
+    values, counts = np.unique(sizes[sizes > 0], return_counts=True)  # sorted; no Python int per cluster
+    return {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}
