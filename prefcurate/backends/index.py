@@ -442,7 +442,9 @@ def _ivf_join(
     top-k search in 64-d plus re-scoring, with the same or more edges (no global top-k cap).
     The join itself at 200k rows (medians of 3 interleaved runs): numpy float32 4.8 s, torch
     float32 3.8 s, torch bf16 on AMX 3.0 s, all with the same 10,592 edges (20k rows: 0.49 /
-    0.44 / 0.46 s, where fixed costs dominate).
+    0.44 / 0.46 s, where fixed costs dominate). Then the PCA's eigh moved from numpy float64 to
+    torch float32 (``pca``) and the member operands came to be built for many cells at once
+    (``_cell_operands``): 20k rows 0.50 -> 0.28 s; 200k rows ~2.8 s (medians, noisy).
     Tried and dropped: fitting the cells and projecting each block on a background thread
     while the encoder runs. The encoder keeps ~1.5 of the 2 cores busy, and the stolen time
     cost it more than the search saved (20k rows: 5.74 s vs 5.53 s over 4 runs each; 200k:
