@@ -268,11 +268,11 @@ def pca(sample: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
-    centered = x - x.mean(dim=0, dtype=torch.float64).float()
+    mean = x.mean(dim=0, dtype=torch.float64).float()
+    centered = x - mean
     _, vecs = torch.linalg.eigh(centered.T @ centered)
     proj = vecs.flip(1)[:, : min(dims, sample.shape[1])].contiguous().numpy()
-    offset = x.mean(dim=0, dtype=torch.float64).float().numpy() @ proj
-    return proj, offset.astype(np.float32)
+    return proj, (mean.numpy() @ proj).astype(np.float32)
 
 
 def _nlist(n: int) -> int:
