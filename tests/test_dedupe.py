@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
 import uuid
@@ -248,8 +249,11 @@ def test_on_response_with_decontamination_keeps_the_prompt_out_of_the_row_vector
 def test_second_run_encodes_nothing(tmp_path):
     marker = uuid.uuid4().hex  # texts no other test has cached
     rows = [{**r, "prompt": f"{r['prompt']} [{marker}]"} for r in _pairs(20)]
-    first, _, _ = _run(tmp_path, rows, "a")
+    segments = sorted((Path(os.environ["PREFCURATE_CACHE_DIR"]) / "embeddings").glob("static-*/*.keys.npy"))
+    first, _, _ = _run(tmp_path, rows, "a", batch_size=6)  # 4 batches x 3 parts: 12 adds to the cache
     assert first.extra["texts"]["encoded"] > 0
+    after = sorted((Path(os.environ["PREFCURATE_CACHE_DIR"]) / "embeddings").glob("static-*/*.keys.npy"))
+    assert len(set(after) - set(segments)) == 1  # written once, as one segment, when the stage closed it
     second, _, _ = _run(tmp_path, rows, "b", threshold=0.99)
     assert second.extra["texts"]["encoded"] == 0
     assert second.extra["texts"]["cache_hits"] == second.extra["texts"]["distinct"] > 0
