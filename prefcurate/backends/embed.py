@@ -239,16 +239,26 @@ class EmbeddingCache:
             return
         name = f"{time.time_ns():016x}-{uuid.uuid4().hex[:8]}"
         parts = self._unsaved
-        self._write(f"{name}.vecs.npy", np.concatenate([self._vecs[k] for k in parts]))
-        self._write(f"{name}.keys.npy", np.concatenate([self._keys[k] for k in parts]))
+        self._write(f"{name}.vecs.npy", [self._vecs[k] for k in parts])
+        self._write(f"{name}.keys.npy", [self._keys[k] for k in parts])
         for k in parts:
             self._names[k] = name
         self._unsaved, self._unsaved_texts = [], 0
 
-    def _write(self, name: str, array: np.ndarray) -> None:
+    def _write(self, name: str, parts: list[np.ndarray]) -> None:
+        """One ``.npy`` file of ``parts`` stacked (same dtype and width, C order), written
+        part by part under a temporary name and renamed: no stacked copy in memory (at 200k
+        rows the copies took 0.25 s of a dedupe)."""
+        import numpy.lib.format as npy
+
         tmp = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            npy.write_array_header_1_0(
+                f, {"descr": npy.dtype_to_descr(parts[0].dtype), "fortran_order": False, "shape": shape}
+            )
+            for part in parts:
+                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
         os.replace(tmp, self.root / name)
 
     def _merge(self, which: list[int]) -> None:
