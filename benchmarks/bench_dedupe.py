@@ -279,9 +279,9 @@ def warm_imports(model: str, device: str, work: Path) -> None:
 
 def get_model_ready(model: str, work: Path) -> None:
     if model in ("static", "auto"):
-        from prefcurate.backends.embed import STATIC_PCA_DIMS, STATIC_VERSION, static_model_path
+        from prefcurate.backends.embed import STATIC_NAME, static_model_path
 
-        static_model_path(work / "models", f"static-minilm-l6-v2-pca{STATIC_PCA_DIMS}-v{STATIC_VERSION}")
+        static_model_path(work / "models", STATIC_NAME)
 
 
 def calibrate(n: int, work: Path) -> None:

@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from prefcurate.backends.embed import EmbeddingCache, get_embedder, resolve_device
+from prefcurate.backends.embed import EmbeddingCache, get_embedder, loads_quietly, resolve_device
 from prefcurate.errors import InputError
 from tests.conftest import hh_rows, llmbar_rows
 
@@ -117,6 +117,17 @@ def test_deferred_adds_are_found_at_once_and_written_as_one_segment(tmp_path):
     again.defer = False
     again.add(keys[:1] + 1, vecs[:1])
     assert len(list(root.glob("*.keys.npy"))) == 3
+
+
+def test_only_a_distilled_static_model_loads_quietly(model_cache_dir, tmp_path):
+    """What dedupe may load on a background thread: reading the distilled static model. A
+    distill or a transformer load silences stderr process-wide, so they are not."""
+    get_embedder("static", "cpu", model_cache_dir).close()  # distilled once per session
+    assert loads_quietly("static", "cpu", model_cache_dir)
+    assert loads_quietly("auto", "cpu", model_cache_dir)
+    assert not loads_quietly("static", "cpu", tmp_path / "fresh")  # would distill first
+    assert not loads_quietly("minilm", "cpu", model_cache_dir)
+    assert not loads_quietly("no-such-org/no-such-model", "cpu", model_cache_dir)
 
 
 def test_lookups_between_adds_find_every_segment_so_far(tmp_path):

@@ -50,6 +50,7 @@ from prefcurate.stages.base import ProgressTask, default_cache_dir
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 STATIC_PCA_DIMS = 256
 STATIC_VERSION = 1  # bump when the distillation recipe changes: it is part of the model name
+STATIC_NAME = f"static-minilm-l6-v2-pca{STATIC_PCA_DIMS}-v{STATIC_VERSION}"
 # The CPU default, from benchmarks/bench_dedupe.py at 20k rows on 2 cores: the static model
 # found 96.8% of the planted paraphrases (precision 0.996) at ~7,300 texts/s, MiniLM 93.4%
 # (precision 1.0) at 92 texts/s.
@@ -506,18 +507,34 @@ def get_embedder(model: str = "auto", device: str = "auto", cache_dir: Path | No
     name/path) on ``device``. ``cache_dir`` is the cache root (default ``default_cache_dir()``,
     i.e. a stage's ``ctx.cache_dir``): vectors go to ``cache_dir/embeddings``, the distilled
     static model to ``cache_dir/models``."""
-    resolved = resolve_device(device)
-    if model == "auto":
-        model = "minilm" if resolved == "cuda" else CPU_DEFAULT
+    model, resolved = resolve_model(model, device)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if model == "static":
-        name = f"static-minilm-l6-v2-pca{STATIC_PCA_DIMS}-v{STATIC_VERSION}"
-        return StaticEmbedder(static_model_path(root / "models", name), name, root)
+        return StaticEmbedder(static_model_path(root / "models", STATIC_NAME), STATIC_NAME, root)
     if model == "minilm":
         return TransformerEmbedder(
             _load_sentence_transformer(str(minilm_path()), resolved), MINILM_NAME, resolved, root
         )
     return TransformerEmbedder(_load_sentence_transformer(model, resolved), model, resolved, root)
+
+
+def resolve_model(model: str = "auto", device: str = "auto") -> tuple[str, str]:
+    """(model, device) as ``get_embedder`` resolves them: ``auto`` is MiniLM on CUDA and the
+    CPU default elsewhere."""
+    resolved = resolve_device(device)
+    if model == "auto":
+        model = "minilm" if resolved == "cuda" else CPU_DEFAULT
+    return model, resolved
+
+
+def loads_quietly(model: str = "auto", device: str = "auto", cache_dir: Path | None = None) -> bool:
+    """Whether ``get_embedder`` would only read a model from disk: the static model, already
+    distilled. Distilling it and loading a transformer silence stderr (``_quiet_hf``), which
+    is process-wide, so they must not run beside other work (a background load would hide
+    the caller's own output, an error message included)."""
+    model, _ = resolve_model(model, device)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return model == "static" and (root / "models" / STATIC_NAME / "config.json").is_file()
 
 
 def _load_sentence_transformer(name_or_path: str, device: str) -> Any:

@@ -51,7 +51,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from prefcurate.backends.embed import Embedder, get_embedder
+from prefcurate.backends.embed import Embedder, get_embedder, loads_quietly
 from prefcurate.stages.base import StageContext, StageInput
 from prefcurate.stages.dedupe_keys import part_columns
 
@@ -71,15 +71,17 @@ class RowVectors:
         self._seen = np.zeros(0, np.uint64)  # first 64 bits of each group key fed, sorted
         self._started = time.perf_counter()
         self._embedder: Embedder | None = None
-        self._loading = _Background(get_embedder, cfg.model, cfg.device, ctx.cache_dir)
+        quiet = loads_quietly(cfg.model, cfg.device, ctx.cache_dir)
+        self._loading = _Background(get_embedder, cfg.model, cfg.device, ctx.cache_dir, thread=quiet)
         self._task = ctx.progress.task("dedupe: embedding", total=n_rows * len(self.names), unit="texts")
 
     @property
     def embedder(self) -> Embedder:
-        """The model, loaded on a background thread while the exact pass reads and hashes its
-        first batch (the static model takes 0.1-0.25 s to load, 2-5% of a 20k-row dedupe);
-        the first use waits for it, and a bad ``--model`` raises there, before anything is
-        embedded or written."""
+        """The model. A distilled static model loads on a background thread while the exact
+        pass reads and hashes its first batch (0.1-0.25 s, 2-5% of a 20k-row dedupe), and
+        the first use waits for it; anything else (distilling, a transformer) loads before
+        the pass, as it silences stderr meanwhile (``loads_quietly``). A bad ``--model``
+        raises before anything is embedded or written."""
         if self._embedder is None:
             waited = time.perf_counter()
             self._embedder = self._loading.result()
@@ -198,10 +200,10 @@ class RowVectors:
 
 class _Background:
     """``fn(*args)`` on a daemon thread (so an interrupted run does not wait for a model
-    still loading, or distilling, to exit); ``result`` waits and returns it, or raises its
-    error in the caller's thread."""
+    still loading to exit), or with ``thread=False`` here and now; ``result`` waits and
+    returns it, or raises its error in the caller's thread."""
 
-    def __init__(self, fn, *args) -> None:
+    def __init__(self, fn, *args, thread: bool = True) -> None:
         self._value = self._error = None
         self.seconds = 0.0
 
@@ -214,10 +216,14 @@ class _Background:
             self.seconds = time.perf_counter() - started
 
         self._thread = threading.Thread(target=run, name="prefcurate-model-load", daemon=True)
-        self._thread.start()
+        if thread:
+            self._thread.start()
+        else:
+            run()
 
     def result(self):
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         return self._value
