@@ -200,8 +200,8 @@ class RowVectors:
 
 class _Background:
     """``fn(*args)`` on a daemon thread (so an interrupted run does not wait for a model
-    still loading to exit), or with ``thread=False`` here and now; ``result`` waits and
-    returns it, or raises its error in the caller's thread."""
+    still loading to exit), or with ``thread=False`` here and now (its error raised at
+    once); ``result`` waits and returns it, or raises its error in the caller's thread."""
 
     def __init__(self, fn, *args, thread: bool = True) -> None:
         self._value = self._error = None
@@ -220,6 +220,8 @@ class _Background:
             self._thread.start()
         else:
             run()
+            if self._error is not None:  # a bad --model fails here, before any work
+                raise self._error
 
     def result(self):
         if self._thread.ident is not None:
