@@ -215,16 +215,17 @@ class _Background:
                 self._error = exc
             self.seconds = time.perf_counter() - started
 
-        self._thread = threading.Thread(target=run, name="prefcurate-model-load", daemon=True)
-        if thread:
-            self._thread.start()
-        else:
+        self._thread: threading.Thread | None = None
+        if not thread:
             run()
             if self._error is not None:  # a bad --model fails here, before any work
                 raise self._error
+            return
+        self._thread = threading.Thread(target=run, name="prefcurate-model-load", daemon=True)
+        self._thread.start()
 
     def result(self):
-        if self._thread.ident is not None:
+        if self._thread is not None:
             self._thread.join()
         if self._error is not None:
             raise self._error
