@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,12 +294,18 @@ class Embedder:
     """Encodes texts to L2-normalized float32 vectors, each distinct text once, through a cache.
 
     Subclasses implement ``_encode_batch`` (normalized vectors for a list of texts).
+
+    ``parallel_section`` is a context manager the CPU encoders enter around the part of a
+    model call that keeps every core busy (the tokenizer's thread pool; a transformer's whole
+    forward pass). A caller that sets it learns when the cores are taken: dedupe hashes its
+    next batch on a helper thread only outside those sections (``dedupe_ahead``).
     """
 
     name: str
     dim: int
     device: str
     default_batch_size: int = 256
+    parallel_section: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def __init__(self, cache_dir: Path | None) -> None:
         root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "embeddings"
@@ -362,9 +368,10 @@ class Embedder:
             chunk = missing[start : start + batch_size]
             batch = _python_texts(todo.slice(start, len(chunk)))
             model_started = time.perf_counter()
+            fresh = self._encode_batch(batch)
+            self.stats.model_seconds += time.perf_counter() - model_started  # the model's own call, nothing else
             # float16 like the cache, so a first run and a cached rerun agree bit for bit
-            _store_f16(vecs, chunk, self._encode_batch(batch))
-            self.stats.model_seconds += time.perf_counter() - model_started
+            _store_f16(vecs, chunk, fresh)
             done = start + len(chunk)
             if done - saved >= _CHECKPOINT_TEXTS:
                 self.cache.add(keys[missing[saved:done]], vecs[missing[saved:done]])
@@ -411,12 +418,15 @@ class StaticEmbedder(Embedder):
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         if self._table is None:
-            vecs = self.model.encode(texts, use_multiprocessing=False, batch_size=len(texts) or 1)
+            with self.parallel_section():  # model2vec's own tokenizing and pooling, as one section
+                vecs = self.model.encode(texts, use_multiprocessing=False, batch_size=len(texts) or 1)
             return _normalize(np.asarray(vecs, dtype=np.float32))
-        return _normalize(_mean_pool(self.model, self._table, texts))
+        return _normalize(_mean_pool(self.model, self._table, texts, self.parallel_section))
 
 
-def _mean_pool(model: Any, table: np.ndarray, texts: list[str]) -> np.ndarray:
+def _mean_pool(
+    model: Any, table: np.ndarray, texts: list[str], section: Callable = contextlib.nullcontext
+) -> np.ndarray:
     """Mean of each text's token rows of ``table``, tokenized as ``StaticModel.encode``
     tokenizes (texts cut at max_length x median token length characters, the tokenizer
     truncating at max_length, no special tokens, unknown tokens dropped); zeros for a text
@@ -429,7 +439,9 @@ def _mean_pool(model: Any, table: np.ndarray, texts: list[str]) -> np.ndarray:
     cut = max_length * getattr(model, "median_token_length", 0) if max_length else 0
     if cut:
         texts = [t[:cut] for t in texts]
-    ids = [e.ids for e in model.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    with section():  # the tokenizer's threads take every core; the pooling below is one thread
+        encodings = model.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encodings]
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
     rows = np.repeat(np.arange(len(ids)), lengths)
@@ -455,9 +467,15 @@ class TransformerEmbedder(Embedder):
         super().__init__(cache_dir)
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
-        vecs = self.model.encode(
-            texts, batch_size=len(texts) or 1, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
-        )
+        # on CUDA the CPU mostly waits for the device: no section, helpers may run meanwhile
+        with self.parallel_section() if self.device == "cpu" else contextlib.nullcontext():
+            vecs = self.model.encode(
+                texts,
+                batch_size=len(texts) or 1,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
         return _normalize(np.asarray(vecs, dtype=np.float32))
 
 

@@ -10,7 +10,9 @@ A global stage in two passes over the input, each reading only what it needs:
    rows is the *mean* of their per-part cosines. Embedding the parts apart (instead of one
    concatenated text) keeps a long prompt from drowning the responses (MiniLM truncates at
    256 tokens), and a prompt shared by many pairs is embedded once. FAISS then finds
-   neighbours >= threshold; connected components of that graph are clusters.
+   neighbours >= threshold; connected components of that graph are clusters. Each unit of
+   rows is read and hashed on a helper thread in the gaps the CPU encoder leaves while the
+   unit before it is embedded (``dedupe_ahead``).
 2. the whole rows, streamed and split into data/ and rejects/ by the decisions.
 
 Why one pass for keys and texts instead of a pass each: the texts are what dominates the
@@ -32,6 +34,7 @@ from pydantic import Field, model_validator
 from prefcurate.errors import ConfigError
 from prefcurate.shards import files_fingerprint
 from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, split
+from prefcurate.stages.dedupe_ahead import KeysAhead
 from prefcurate.stages.dedupe_groups import (
     CONTAM,
     KEEP,
@@ -46,7 +49,6 @@ from prefcurate.stages.dedupe_keys import (
     digest,
     load_eval_set,
     normalizer,
-    pair_keys,
     row_lengths,
 )
 from prefcurate.stages.dedupe_semantic import PARTS, semantic_pass
@@ -224,25 +226,54 @@ def _first_pass(
     keys = _Keys()
     task = ctx.progress.task("dedupe: hashing", total=source.num_rows)
     first_only = cfg.exact  # other --keep policies: their later leaders are re-read (RowVectors.finish)
-    start = 0
-    for batch in source.batches(columns, cfg.batch_size):
-        pk = pair_keys(batch, cfg.normalize, unordered=cfg.swapped, with_prompts=bool(eval_index))
-        keys.ids.append(batch.column("id").cast(pa.string()))
-        keys.groups.append(pk.group)
-        keys.orientation.append(pk.orientation)
-        keys.tie.append(batch.column("tie").fill_null(False).to_numpy(zero_copy_only=False))
-        if cfg.keep == "longest":
-            keys.lengths.append(row_lengths(batch))
-        if cfg.keep == "highest-margin":
-            keys.margins.append(batch.column("margin_mean").cast(pa.float64()).fill_null(np.nan).to_numpy())
-        hits = [next((eval_index[h] for h in hs if h in eval_index), -1) for hs in pk.prompt_hashes]
-        keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
-        keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
-        if vectors is not None:
-            vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only, pk.rendered)
-        start += batch.num_rows
-        task.advance(batch.num_rows)
+    # each unit is read and hashed on a helper thread while the unit before it is embedded
+    units = _units(source.batches(columns, min(cfg.batch_size, 4096)), cfg.batch_size)
+    gate = vectors.gate if vectors is not None else None
+    ahead = KeysAhead(units, cfg.normalize, cfg.swapped, bool(eval_index), gate)
+    try:
+        start = 0
+        for batch, pk in ahead:
+            keys.ids.append(batch.column("id").cast(pa.string()))
+            keys.groups.append(pk.group)
+            keys.orientation.append(pk.orientation)
+            keys.tie.append(batch.column("tie").fill_null(False).to_numpy(zero_copy_only=False))
+            if cfg.keep == "longest":
+                keys.lengths.append(row_lengths(batch))
+            if cfg.keep == "highest-margin":
+                keys.margins.append(batch.column("margin_mean").cast(pa.float64()).fill_null(np.nan).to_numpy())
+            hits = [next((eval_index[h] for h in hs if h in eval_index), -1) for hs in pk.prompt_hashes]
+            keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
+            keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
+            if vectors is not None:
+                vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only)
+            start += batch.num_rows
+            task.advance(batch.num_rows)
+    finally:
+        ahead.close()
+    ctx.extra["read_ahead"] = {
+        "units_read": {"helper": ahead.helper_reads, "stage": ahead.caller_reads},
+        "key_slices": {"helper": ahead.helper_slices, "stage": ahead.caller_slices},
+    }
     return _State(keys, cfg)
+
+
+_FIRST_UNIT = 1024  # rows in the exact pass's first unit of work
+
+
+def _units(batches: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """The input's batches, the first one cut into growing units (1k rows, then 4x larger,
+    the rest of the batch once a unit would reach ``batch_rows``). Nothing hides the first
+    unit's hashing, so it is small; after that each unit is hashed while the one before it
+    is embedded, and a unit's embedding leaves gaps enough to hash ~3x its rows
+    (``dedupe_ahead``): the stage helps with what the helper has not finished."""
+    size = _FIRST_UNIT
+    for batch in batches:
+        lo = 0
+        while lo < batch.num_rows:
+            n = batch.num_rows - lo if size >= batch_rows else min(size, batch.num_rows - lo)
+            yield batch.slice(lo, n)
+            lo += n
+            size *= 4
 
 
 def mark_contaminated(

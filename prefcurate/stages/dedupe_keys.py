@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,18 +64,38 @@ def normalizer(options: Iterable[str]):
 def normalize_column(values: pa.Array, options: Iterable[str]) -> pa.Array:
     """Vectorized normalization (Arrow kernels): NFKC first, so a full-width letter is then
     lower-cased and compared like its ASCII form."""
+    return run_steps(normalize_steps(values, options))
+
+
+def normalize_steps(values: pa.Array, options: Iterable[str]) -> Generator[None, None, pa.Array]:
+    """``normalize_column`` one kernel at a time: it yields after each (a pause point for a
+    helper thread, see ``pair_key_steps``) and returns the normalized column."""
     opts = set(options) - {"none"}
     if "nfkc" in opts:
         values = _nfkc(values)
+        yield
     if "case" in opts:
         values = pc.utf8_lower(values)
+        yield
     if "punctuation" in opts:
         values = pc.replace_substring_regex(values, r"[^\pL\pN\pM\s_]", "")
+        yield
     if "whitespace" in opts:
         # Only what needs changing matches (a run of 2+ blanks, or one that is not a space),
         # so most of the text is copied through: 3x faster than split + join or r"\s+".
-        values = pc.utf8_trim(pc.replace_substring_regex(values, _WS_RUN, " "), " ")
+        values = pc.replace_substring_regex(values, _WS_RUN, " ")
+        yield
+        values = pc.utf8_trim(values, " ")
     return values
+
+
+def run_steps(steps: Generator[None, None, Any]) -> Any:
+    """Run a step generator to the end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _nfkc(values: pa.Array) -> pa.Array:
@@ -133,31 +153,53 @@ class PairKeys:
     group: np.ndarray  # S16: unordered (or ordered, when swaps are not checked) pair key
     orientation: np.ndarray  # bool: chosen sorts after rejected
     prompt_hashes: list[list[bytes]] = field(default_factory=list)  # full prompt + each user turn
-    rendered: dict[str, pa.Array] = field(default_factory=dict)  # chosen, rejected as ``part_columns`` renders them
+
+    @staticmethod
+    def concat(parts: Sequence[PairKeys]) -> PairKeys:
+        """The keys of consecutive slices of a batch, as the batch's keys."""
+        if len(parts) == 1:
+            return parts[0]
+        return PairKeys(
+            np.concatenate([p.group for p in parts]),
+            np.concatenate([p.orientation for p in parts]),
+            [h for p in parts for h in p.prompt_hashes],
+        )
 
 
 def pair_keys(batch: pa.RecordBatch, options: Sequence[str], unordered: bool, with_prompts: bool) -> PairKeys:
-    # The three columns on two threads: Arrow's string kernels are single-threaded and release the GIL.
-    def render(name: str) -> tuple[pa.Array, pa.Array]:
-        text = render_column(batch.column(name), roles=name == "prompt")
-        return text, normalize_column(text, options)
+    """Each row's exact group key and orientation (and, ``with_prompts``, its prompt's hashes
+    for decontamination)."""
+    return run_steps(pair_key_steps(batch, options, unordered, with_prompts))
 
-    (_, prompt), (chosen_text, chosen), (rejected_text, rejected) = _pool().map(
-        render, ("prompt", "chosen", "rejected")
-    )
+
+def pair_key_steps(
+    batch: pa.RecordBatch, options: Sequence[str], unordered: bool, with_prompts: bool
+) -> Generator[None, None, PairKeys]:
+    """``pair_keys`` one Arrow kernel at a time: it yields after each (a few ms on 1k rows) and
+    returns the keys, so a helper thread can stop between kernels while the cores are taken
+    (``dedupe_ahead``). Every key is a function of its own row only, so a batch's keys are
+    the concatenation of its slices' keys."""
+    texts = []
+    for name in ("prompt", "chosen", "rejected"):
+        text = render_column(batch.column(name), roles=name == "prompt")
+        yield
+        texts.append((yield from normalize_steps(text, options)))
+        yield
+    prompt, chosen, rejected = texts
     flipped = pc.greater(chosen, rejected) if unordered else pa.array(np.zeros(batch.num_rows, bool))
     first = pc.if_else(flipped, rejected, chosen)
     second = pc.if_else(flipped, chosen, rejected)
+    yield
     # The three parts joined with separators in Arrow ("p\x1ea\x1eb": ("ab", "c") and ("a", "bc")
     # hash apart), the UTF-8 bytes hashed in place: no Python strings, no re-encoding.
     joined = pc.binary_join_element_wise(prompt, first, second, "", "\x1e")
+    yield
     groups = utf8_digests(joined)
     prompt_hashes: list[list[bytes]] = []
     if with_prompts:
         norm = normalizer(options)
         prompt_hashes = [prompt_digests(p, norm) for p in batch.column("prompt").to_pylist()]
-    rendered = {"chosen": chosen_text, "rejected": rejected_text}  # roles=False, as part_columns renders
-    return PairKeys(groups, flipped.to_numpy(zero_copy_only=False).astype(bool), prompt_hashes, rendered)
+    return PairKeys(groups, flipped.to_numpy(zero_copy_only=False).astype(bool), prompt_hashes)
 
 
 @functools.cache

@@ -21,7 +21,10 @@ rows the time outside the model fell from 8.9 to 7.2 s (in-run 1.20 -> 1.16; 20k
 change), but with two CPU hogs running beside it one run's search took 18 s instead of
 1.3 s. A starved low-priority Python thread stalls every other thread that hands it the
 GIL (CPython's forced switching waits for the taker to run): priority inversion. At normal
-priority the gain was ~0.5 s at 200k, not worth a thread.
+priority the gain was ~0.5 s at 200k, not worth a thread. What pays: that helper at normal
+priority, held at a gate while the tokenizer's threads run and working only between them
+(``dedupe_ahead``): time outside the model 1.35 -> 1.17 s at 20k rows (4 interleaved pairs),
+9.5 -> 8.4 s at 200k (2 pairs), the same decisions.
 
 ``finish`` then embeds the rows the exact pass kept that were not provisional (another
 ``--keep`` policy picked a later row of its group, or two group keys agreed on 64 bits) in
@@ -53,6 +56,7 @@ import pyarrow as pa
 
 from prefcurate.backends.embed import Embedder, get_embedder, loads_quietly
 from prefcurate.stages.base import StageContext, StageInput
+from prefcurate.stages.dedupe_ahead import IdleGate
 from prefcurate.stages.dedupe_keys import part_columns
 
 
@@ -71,6 +75,7 @@ class RowVectors:
         self._seen = np.zeros(0, np.uint64)  # first 64 bits of each group key fed, sorted
         self._started = time.perf_counter()
         self._embedder: Embedder | None = None
+        self.gate = IdleGate()  # shut while a CPU encoder's call takes every core
         quiet = loads_quietly(cfg.model, cfg.device, ctx.cache_dir)
         self._loading = _Background(get_embedder, cfg.model, cfg.device, ctx.cache_dir, thread=quiet)
         self._task = ctx.progress.task("dedupe: embedding", total=n_rows * len(self.names), unit="texts")
@@ -86,6 +91,8 @@ class RowVectors:
             waited = time.perf_counter()
             self._embedder = self._loading.result()
             self._embedder.cache.defer = True  # a segment per 64k texts, not per part and batch (closed by the stage)
+            if self._embedder.device == "cpu":
+                self._embedder.parallel_section = self.gate.busy
             self._ctx.extra["model_load_seconds"] = round(self._loading.seconds, 3)
             self._ctx.extra["model_wait_seconds"] = round(time.perf_counter() - waited, 3)
             self._ctx.progress.note(f"dedupe: embedding with {self._embedder.name} on {self._embedder.device}")
@@ -98,15 +105,13 @@ class RowVectors:
         group_keys: np.ndarray,
         skip: np.ndarray,
         first_only: bool,
-        rendered: dict[str, pa.Array] | None = None,
     ) -> None:
         """Encode the provisional rows of ``batch`` (global rows from ``start``): all rows but
         ``skip`` (exactly contaminated), or with ``first_only`` (exact duplicates removed) only
-        the first row of each exact group key (S16) seen so far. ``rendered``: part columns
-        the caller already rendered to text (the exact pass renders the responses)."""
+        the first row of each exact group key (S16) seen so far."""
         rows = self._first_seen(group_keys, skip) if first_only else np.flatnonzero(~skip)
         if len(rows):
-            self._encode(batch, rows, rendered or {})
+            self._encode(batch, rows)
             self._slot_rows.append(rows + start)
 
     def _first_seen(self, group_keys: np.ndarray, skip: np.ndarray) -> np.ndarray:
@@ -122,7 +127,7 @@ class RowVectors:
         rows = np.sort(first[new])
         return rows[~skip[rows]]
 
-    def _encode(self, batch: pa.RecordBatch, rows: np.ndarray, rendered: dict[str, pa.Array]) -> None:
+    def _encode(self, batch: pa.RecordBatch, rows: np.ndarray) -> None:
         """Embed ``rows`` of ``batch`` into the next slots: each part column's distinct texts
         once, their float16 unit vectors gathered straight into the part's block."""
         import torch  # here, not at import: the CLI starts without it
@@ -131,8 +136,7 @@ class RowVectors:
         dim = embedder.dim
         if self.matrix is None:  # a slot per input row at most: provisional + re-read rows <= rows
             self.matrix = np.empty((max(1, self.n_rows), len(self.names) * dim), np.float16)
-        todo = [name for name in self.names if name not in rendered]
-        columns = dict(zip(todo, part_columns(batch, todo), strict=True)) | rendered
+        columns = dict(zip(self.names, part_columns(batch, self.names), strict=True))
         which = None if count == batch.num_rows else rows
         for k, name in enumerate(self.names):
             vecs, inverse = embedder.encode_distinct(columns[name], progress=self._task, rows=which)
@@ -179,7 +183,7 @@ class RowVectors:
             stop = start + batch.num_rows
             lo, hi = np.searchsorted(rows, [start, stop])
             if hi > lo:
-                self._encode(batch, rows[lo:hi] - start, {})
+                self._encode(batch, rows[lo:hi] - start)
             start = stop
 
     def _in_order(self, src: np.ndarray) -> np.ndarray:

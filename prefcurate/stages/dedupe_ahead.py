@@ -1,0 +1,237 @@
+"""The exact pass's keys of the next batch, hashed in the gaps the CPU encoder leaves.
+
+Where the gaps are: a static model's call is the tokenizer's thread pool, which keeps both
+cores of this 2-core VM busy (1.95 cores over a call), then its pooling, one thread
+(~12% of the model's time). During the pooling, and in the stage's own glue between model
+calls, one core idles. Normalizing and hashing a batch's three texts (``pair_key_steps``:
+Arrow kernels that release the GIL, for the most part) fits in those gaps with room to
+spare: ~11 core-microseconds a row against ~35 of idle core time a row.
+
+How it stays in the gaps: the encoder enters ``Embedder.parallel_section`` around its
+multi-threaded part, which shuts an ``IdleGate``. A helper thread computes keys one Arrow
+kernel at a time (a few ms on a 1k-row slice) and waits at the gate between kernels, so it
+competes with the tokenizer's threads for at most one kernel each time the gate shuts.
+
+Why a gate and not just a thread: the tokenizer splits each call over its threads, so a
+third runnable thread makes one of them a straggler that the whole call waits for. Hashing
+the next batch on a plain worker thread saved nothing (the tried-and-dropped notes in
+``dedupe_vectors``), and at the lowest OS priority it starved while holding up the GIL.
+Here the helper runs at normal priority and only while a core is free.
+
+Nothing waits for the helper when it falls behind (no gaps: a busy machine, or a
+transformer on CPU whose forward pass is one long section): ``KeysAhead.result`` computes
+the slices the helper has not started itself, alongside it, so a batch's keys never take
+longer than on the two threads ``pair_keys`` used before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import pyarrow as pa
+
+from prefcurate.stages.dedupe_keys import PairKeys, pair_key_steps
+
+SLICE_ROWS = 1024  # rows per unit of work: the helper and the caller take whole slices
+
+
+class IdleGate:
+    """Open unless the caller is inside ``busy()``; ``wait`` blocks while it is shut."""
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._open.set()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+    def wait(self) -> None:
+        self._open.wait()
+
+    def open(self) -> None:
+        """Open it until the next ``busy()``: the caller is about to wait for the helper,
+        so the helper must be able to finish what it holds."""
+        self._open.set()
+
+
+class _Job:
+    def __init__(self, batch: pa.RecordBatch, slice_rows: int) -> None:
+        self.batch = batch
+        self.bounds = [(lo, min(lo + slice_rows, batch.num_rows)) for lo in range(0, batch.num_rows, slice_rows)]
+        self.parts: list[PairKeys | None] = [None] * len(self.bounds)
+        self.pending = len(self.bounds)
+        self.error: BaseException | None = None
+
+
+class KeysAhead:
+    """The units of ``units`` with their ``pair_keys``, in order (``__iter__``), read and
+    hashed ahead on a helper thread that works while ``gate`` is open.
+
+    The helper hashes the slices of the units read so far, oldest first, and reads the next
+    unit when fewer than ``depth`` are waiting. The caller, when it gets to a unit, reads it
+    itself if the helper has not, and hashes the slices the helper has not started. The
+    helper's errors (a bad shard, a bad value) are raised in the caller, at that unit."""
+
+    def __init__(
+        self,
+        units: Iterator[pa.RecordBatch],
+        options: Sequence[str],
+        unordered: bool,
+        with_prompts: bool,
+        gate: IdleGate | None = None,
+        slice_rows: int = SLICE_ROWS,
+        depth: int = 1,
+    ) -> None:
+        self._units = units
+        self._args = (tuple(options), unordered, with_prompts)
+        self._gate = gate
+        self._slice_rows = slice_rows
+        self._depth = depth
+        self._cond = threading.Condition()
+        self._jobs: deque[_Job] = deque()  # read, not yet handed out
+        self._slices: deque[tuple[_Job, int]] = deque()  # slices no one has started
+        self._reading = self._exhausted = self._closed = False
+        self._read_error: BaseException | None = None
+        self.helper_slices = self.caller_slices = self.helper_reads = self.caller_reads = 0
+        self._thread = threading.Thread(target=self._run, name="prefcurate-keys-ahead", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[tuple[pa.RecordBatch, PairKeys]]:
+        while (job := self._next_job()) is not None:
+            yield job.batch, self._result(job)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._slices.clear()
+            self._cond.notify_all()
+        if self._gate is not None:
+            self._gate.open()  # a helper waiting at the gate sees that it is closed
+        self._thread.join()
+
+    # -- the caller's side -----------------------------------------------------------------
+    def _next_job(self) -> _Job | None:
+        while True:
+            with self._cond:
+                while self._reading:  # the helper is reading the next unit: let it finish
+                    self._wait()
+                if self._jobs:
+                    self._cond.notify_all()  # room to read the next one
+                    return self._jobs.popleft()
+                if self._read_error is not None:
+                    raise self._read_error
+                if self._exhausted:
+                    return None
+                self._reading = True
+            try:
+                self.caller_reads += self._read() is not None
+            finally:
+                with self._cond:
+                    self._reading = False
+                    self._cond.notify_all()
+
+    def _result(self, job: _Job) -> PairKeys:
+        while True:
+            with self._cond:
+                mine = next((i for i, (j, _) in enumerate(self._slices) if j is job), None)
+                if mine is not None:
+                    _, k = self._slices[mine]
+                    del self._slices[mine]
+                elif job.pending:
+                    self._wait()  # the helper's slice of this unit is in flight
+                    continue
+                else:
+                    break
+            self._compute(job, k, gated=False)
+            self.caller_slices += 1
+        if job.error is not None:
+            raise job.error
+        if not job.parts:  # an empty unit
+            return self._keys(job.batch, gated=False)
+        return PairKeys.concat(job.parts)  # type: ignore[arg-type]
+
+    def _wait(self) -> None:
+        """Wait for the helper (``_cond`` held), with the gate open so that it can go on."""
+        if self._gate is not None:
+            self._gate.open()
+        self._cond.wait()
+
+    # -- the helper's side -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            if self._gate is not None:
+                self._gate.wait()  # before taking anything: a shut gate holds nothing up
+            with self._cond:
+                while not self._closed and not self._slices and not self._may_read():
+                    self._cond.wait()
+                if self._closed:
+                    return
+                if self._slices:
+                    job, k = self._slices.popleft()
+                else:
+                    self._reading, job = True, None
+            if job is not None:
+                self._compute(job, k, gated=True)
+                self.helper_slices += 1
+                continue
+            try:
+                if self._gate is not None:
+                    self._gate.wait()  # (the caller opens it if it comes to wait for this read)
+                self.helper_reads += self._read() is not None
+            except BaseException as exc:  # raised by the caller when it gets to this unit
+                with self._cond:
+                    self._read_error = exc
+            finally:
+                with self._cond:
+                    self._reading = False
+                    self._cond.notify_all()
+
+    def _may_read(self) -> bool:
+        return not self._reading and not self._exhausted and self._read_error is None and len(self._jobs) < self._depth
+
+    # -- shared ----------------------------------------------------------------------------
+    def _read(self) -> _Job | None:
+        """Read the next unit and queue its slices (called with ``_reading`` set)."""
+        batch = next(self._units, None)
+        with self._cond:
+            if batch is None:
+                self._exhausted = True
+                return None
+            job = _Job(batch, self._slice_rows)
+            self._jobs.append(job)
+            self._slices.extend((job, k) for k in range(len(job.bounds)))
+            self._cond.notify_all()
+        return job
+
+    def _compute(self, job: _Job, k: int, gated: bool) -> None:
+        lo, hi = job.bounds[k]
+        keys, error = None, None
+        try:
+            keys = self._keys(job.batch.slice(lo, hi - lo), gated)
+        except BaseException as exc:  # re-raised by _result(), in the stage's thread
+            error = exc
+        with self._cond:
+            job.parts[k] = keys
+            if error is not None and job.error is None:
+                job.error = error
+            job.pending -= 1
+            self._cond.notify_all()
+
+    def _keys(self, batch: pa.RecordBatch, gated: bool) -> PairKeys:
+        steps = pair_key_steps(batch, *self._args)
+        gate = self._gate if gated else None
+        while True:
+            if gate is not None:
+                gate.wait()
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
