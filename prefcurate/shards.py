@@ -119,6 +119,14 @@ class ShardWriter:
     bounded; a write error surfaces at the next write or at ``close``. Two, not one: a stage
     that only filters (dedupe's write pass) produces shards faster than one thread compresses
     them, and at commit the last shard was written alone while the other core idled.
+
+    Tried and dropped: writing each shard's row groups as they come (one writer thread per
+    shard, a ``ParquetWriter`` kept open), so that at ``close`` only the last row group is
+    left. The wait at close fell (0.6 -> 0.4 s for a 200k-row dedupe write pass), but a
+    Parquet file is written by one thread, so the stage then waited for that thread while
+    filling a shard, instead of two shards compressing at once at the end: 1.03-1.16 s vs
+    1.11-1.28 s for the whole write pass. zstd is most of the cost (50k HH-RLHF rows: 0.25 s
+    to write, 0.07 s uncompressed; the level and dictionary settings change nothing).
     """
 
     def __init__(self, directory: str | Path, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> None:
