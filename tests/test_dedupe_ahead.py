@@ -37,7 +37,7 @@ def _expected(batches):
 
 def _same(got, want):
     assert len(got) == len(want)
-    for (batch, keys), ref in zip(got, want, strict=True):
+    for (batch, keys, _), ref in zip(got, want, strict=True):
         assert isinstance(batch, pa.RecordBatch)
         assert np.array_equal(keys.group, ref.group)
         assert np.array_equal(keys.orientation, ref.orientation)
@@ -54,12 +54,12 @@ def test_the_caller_alone_gets_every_key_when_the_gate_stays_shut(tmp_path):
         finally:
             ahead.close()
     _same(got, _expected(batches))
-    assert (ahead.helper_reads, ahead.helper_slices) == (0, 0)
+    assert (ahead.helper_reads, ahead.helper_tasks) == (0, 0)
     assert ahead.caller_reads == len(batches)
-    assert ahead.caller_slices == sum(-(-b.num_rows // 7) for b in batches)
+    assert ahead.caller_tasks == sum(-(-b.num_rows // 7) for b in batches)
     # the keys hold real answers: the upper-cased copy shares row 0's key, the swap row 1's
-    groups = np.concatenate([k.group for _, k in got])
-    orient = np.concatenate([k.orientation for _, k in got])
+    groups = np.concatenate([k.group for _, k, _ in got])
+    orient = np.concatenate([k.orientation for _, k, _ in got])
     assert groups[-2] == groups[0] and groups[-1] == groups[1] and orient[-1] != orient[1]
     assert len(set(groups.tolist())) == len(groups) - 2
 
@@ -70,14 +70,14 @@ def test_the_helper_reads_and_hashes_ahead_while_the_gate_is_open(tmp_path):
     try:
         got = []
         time.sleep(0.3)
-        for batch, keys in ahead:
-            got.append((batch, keys))
+        for item in ahead:
+            got.append(item)
             time.sleep(0.3)  # the caller "embeds" this unit: the helper reads and hashes the next
     finally:
         ahead.close()
     _same(got, _expected(batches))
     assert (ahead.helper_reads, ahead.caller_reads) == (len(batches), 0)
-    assert (ahead.helper_slices, ahead.caller_slices) == (sum(-(-b.num_rows // 7) for b in batches), 0)
+    assert (ahead.helper_tasks, ahead.caller_tasks) == (sum(-(-b.num_rows // 7) for b in batches), 0)
 
 
 def test_a_shut_gate_stops_the_helper_and_opening_it_lets_it_go_on(tmp_path):
@@ -93,9 +93,9 @@ def test_a_shut_gate_stops_the_helper_and_opening_it_lets_it_go_on(tmp_path):
     with gate.busy():
         ahead = KeysAhead(units(), OPTIONS, True, True, gate, slice_rows=7)
         time.sleep(0.3)
-        assert (pulled, ahead.helper_reads, ahead.helper_slices) == ([], 0, 0)
+        assert (pulled, ahead.helper_reads, ahead.helper_tasks) == ([], 0, 0)
     deadline = time.monotonic() + 10
-    while ahead.helper_slices < -(-batches[0].num_rows // 7) and time.monotonic() < deadline:
+    while ahead.helper_tasks < -(-batches[0].num_rows // 7) and time.monotonic() < deadline:
         time.sleep(0.005)
     assert len(pulled) == 1 and ahead.helper_reads == 1  # depth 1: one unit read ahead, no more
     try:
@@ -116,7 +116,7 @@ def test_errors_in_the_helper_are_raised_in_the_caller_at_their_unit(tmp_path):
     ahead = KeysAhead(units(), OPTIONS, True, False, IdleGate())
     try:
         with pytest.raises(InputError, match="bad.parquet"):
-            for batch, _ in ahead:
+            for batch, _, _ in ahead:
                 seen.append(batch.num_rows)
                 time.sleep(0.1)  # time for the helper to hit the error itself
     finally:

@@ -38,6 +38,29 @@ def test_each_distinct_text_is_encoded_once(model_cache_dir):
     np.testing.assert_array_equal(vecs[:4], vecs[10:14])
 
 
+def test_prepared_texts_encode_like_the_column_they_came_from(model_cache_dir, tmp_path):
+    import pyarrow as pa
+
+    from prefcurate.backends.embed import prepare_steps
+    from prefcurate.steps import run_steps
+
+    texts = _texts(12)
+    column = pa.array(texts + texts[:5] + [None, texts[7]])
+    rows = np.array([0, 3, 12, 15, 17, 18])
+    results = []
+    for prepared in (False, True):
+        emb = get_embedder("static", "cpu", tmp_path / f"cache-{prepared}")
+        arg = run_steps(prepare_steps(column)) if prepared else column
+        vecs, inverse = emb.encode_distinct(arg, rows=rows)
+        results.append((vecs[inverse], emb.stats.encoded, emb.stats.requested))
+        emb.close()
+    (plain, n_plain, asked_plain), (prep, n_prep, asked_prep) = results
+    np.testing.assert_array_equal(plain, prep)
+    # rows 0 and 12, 3 and 15 are one text each; row 17 is the null (""), 18 a repeat of row 7
+    assert (n_plain, asked_plain) == (n_prep, asked_prep) == (4, 6)
+    assert np.array_equal(prep[0], prep[2]) and np.array_equal(prep[1], prep[3])
+
+
 def test_cache_survives_a_new_embedder_and_returns_identical_vectors(model_cache_dir):
     root = model_cache_dir
     texts = _texts(30)

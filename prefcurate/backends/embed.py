@@ -46,6 +46,7 @@ import xxhash
 
 from prefcurate.errors import InputError, MissingDependency
 from prefcurate.stages.base import ProgressTask, default_cache_dir
+from prefcurate.steps import Steps, run_steps
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 STATIC_PCA_DIMS = 256
@@ -97,6 +98,30 @@ def text_keys(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     xxh = xxhash.xxh3_128_digest
     keys = b"".join([xxh(data[a:b]) for a, b in zip(offsets, offsets[1:], strict=False)])
     return np.frombuffer(keys, np.uint64).reshape(-1, 2) if keys else np.zeros((0, 2), np.uint64)
+
+
+@dataclass
+class PreparedTexts:
+    """A column of texts with what ``encode_distinct`` needs before it looks at the cache:
+    each distinct text once, the row of each text's distinct text, their cache keys and
+    UTF-8 lengths. ``prepare_steps`` computes it apart, so a helper can do it ahead."""
+
+    distinct: pa.Array
+    inverse: np.ndarray
+    keys: np.ndarray  # (len(distinct), 2) uint64: text_key of each distinct text
+    lengths: np.ndarray  # UTF-8 bytes of each distinct text
+
+
+def prepare_steps(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> Steps[PreparedTexts]:
+    """``PreparedTexts`` of ``texts``, as steps (``prefcurate.steps``). Distinct texts are
+    found by Arrow's hash table (``dictionary_encode``), so a text repeated in the column
+    costs no Python work: only distinct texts are hashed."""
+    coded = pc.dictionary_encode(_text_array(texts))
+    yield
+    distinct, inverse = coded.dictionary, coded.indices.to_numpy(zero_copy_only=False)
+    keys = text_keys(distinct)
+    yield
+    return PreparedTexts(distinct, inverse, keys, pc.binary_length(distinct).to_numpy(zero_copy_only=False))
 
 
 def _text_array(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -327,7 +352,7 @@ class Embedder:
 
     def encode_distinct(
         self,
-        texts: Sequence[str] | pa.Array | pa.ChunkedArray,
+        texts: Sequence[str] | pa.Array | pa.ChunkedArray | PreparedTexts,
         progress: ProgressTask | None = None,
         batch_size: int | None = None,
         rows: np.ndarray | None = None,
@@ -336,21 +361,20 @@ class Embedder:
         each text asked for the row of its vector, so ``vectors[inverse]`` is ``encode``.
         With ``rows``, only ``texts[rows]`` are asked for (no copy of the column is taken).
         A caller that copies the vectors into a bigger matrix anyway gathers them there once,
-        instead of through an (n, dim) temporary.
+        instead of through an (n, dim) temporary. ``texts`` may come prepared
+        (``prepare_steps``).
 
-        Distinct texts are found by Arrow's hash table (``dictionary_encode``), so a text
-        repeated in the call costs no Python work: only distinct texts are hashed for the
-        cache, looked up and encoded. Fresh vectors go to the cache every
-        ``_CHECKPOINT_TEXTS`` texts and at the end (on disk every ``_CHECKPOINT_TEXTS`` texts
-        and at ``close``), so an interrupted long encode keeps most of its work."""
+        Only distinct texts are looked up in the cache and encoded. Fresh vectors go to the
+        cache every ``_CHECKPOINT_TEXTS`` texts and at the end (on disk every
+        ``_CHECKPOINT_TEXTS`` texts and at ``close``), so an interrupted long encode keeps
+        most of its work."""
         batch_size = batch_size or self.default_batch_size
-        coded = pc.dictionary_encode(_text_array(texts))
-        distinct, inverse = coded.dictionary, coded.indices.to_numpy(zero_copy_only=False)
+        prep = texts if isinstance(texts, PreparedTexts) else run_steps(prepare_steps(texts))
+        distinct, inverse, keys, lengths = prep.distinct, prep.inverse, prep.keys, prep.lengths
         if rows is not None:
             used, inverse = np.unique(inverse[rows], return_inverse=True)
             if len(used) < len(distinct):
-                distinct = distinct.take(pa.array(used))
-        keys = text_keys(distinct)
+                distinct, keys, lengths = distinct.take(pa.array(used)), keys[used], lengths[used]
         vecs = np.empty((len(distinct), self.dim), np.float16)
         missing = np.flatnonzero(~self.cache.lookup(keys, vecs))
         self.stats.requested += len(inverse)
@@ -359,8 +383,7 @@ class Embedder:
         if progress is not None:
             progress.advance(len(inverse) - len(missing))
         # Sorting by length keeps a transformer's padded batches tight; harmless for static.
-        lengths = pc.binary_length(distinct).to_numpy(zero_copy_only=False)[missing]
-        missing = missing[np.argsort(lengths, kind="stable")]
+        missing = missing[np.argsort(lengths[missing], kind="stable")]
         todo = distinct.take(pa.array(missing))  # in encoding order
         started = time.perf_counter()
         saved = 0

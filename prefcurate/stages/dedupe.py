@@ -226,13 +226,15 @@ def _first_pass(
     keys = _Keys()
     task = ctx.progress.task("dedupe: hashing", total=source.num_rows)
     first_only = cfg.exact  # other --keep policies: their later leaders are re-read (RowVectors.finish)
-    # each unit is read and hashed on a helper thread while the unit before it is embedded
+    # each unit is read, hashed and its texts prepared on a helper thread while the unit
+    # before it is embedded
     units = _units(source.batches(columns, min(cfg.batch_size, _READ_ROWS)), cfg.batch_size)
     gate = vectors.gate if vectors is not None else None
-    ahead = KeysAhead(units, cfg.normalize, cfg.swapped, bool(eval_index), gate)
+    prepare = vectors.prepare_steps if vectors is not None else None
+    ahead = KeysAhead(units, cfg.normalize, cfg.swapped, bool(eval_index), gate, prepare=prepare)
     try:
         start = 0
-        for batch, pk in ahead:
+        for batch, pk, prepared in ahead:
             keys.ids.append(batch.column("id").cast(pa.string()))
             keys.groups.append(pk.group)
             keys.orientation.append(pk.orientation)
@@ -245,14 +247,14 @@ def _first_pass(
             keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
             keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
             if vectors is not None:
-                vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only)
+                vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only, prepared)
             start += batch.num_rows
             task.advance(batch.num_rows)
     finally:
         ahead.close()
     ctx.extra["read_ahead"] = {
         "units_read": {"helper": ahead.helper_reads, "stage": ahead.caller_reads},
-        "key_slices": {"helper": ahead.helper_slices, "stage": ahead.caller_slices},
+        "tasks": {"helper": ahead.helper_tasks, "stage": ahead.caller_tasks},
     }
     return _State(keys, cfg)
 

@@ -27,13 +27,18 @@ longer than on the two threads ``pair_keys`` used before.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 
 from prefcurate.stages.dedupe_keys import PairKeys, pair_key_steps
+from prefcurate.steps import Steps
+
+Prepare = Callable[[pa.RecordBatch], Steps]  # a unit's extra work, as steps (``KeysAhead``)
 
 SLICE_ROWS = 1024  # rows per unit of work: the helper and the caller take whole slices
 
@@ -63,22 +68,32 @@ class IdleGate:
 
 
 class _Job:
-    def __init__(self, batch: pa.RecordBatch, slice_rows: int) -> None:
+    """One unit and its tasks: the key slices, then (optionally) ``prepare``."""
+
+    def __init__(self, batch: pa.RecordBatch, slice_rows: int, args: tuple, prepare: Prepare | None) -> None:
         self.batch = batch
-        self.bounds = [(lo, min(lo + slice_rows, batch.num_rows)) for lo in range(0, batch.num_rows, slice_rows)]
-        self.parts: list[PairKeys | None] = [None] * len(self.bounds)
-        self.pending = len(self.bounds)
+        bounds = [(lo, min(lo + slice_rows, batch.num_rows)) for lo in range(0, batch.num_rows, slice_rows)] or [(0, 0)]
+        self.tasks: list[Callable[[], Steps]] = [
+            functools.partial(pair_key_steps, batch.slice(lo, hi - lo), *args) for lo, hi in bounds
+        ]
+        self.slices = len(self.tasks)
+        if prepare is not None:
+            self.tasks.append(functools.partial(prepare, batch))
+        self.results: list[Any] = [None] * len(self.tasks)
+        self.pending = len(self.tasks)
         self.error: BaseException | None = None
 
 
 class KeysAhead:
-    """The units of ``units`` with their ``pair_keys``, in order (``__iter__``), read and
-    hashed ahead on a helper thread that works while ``gate`` is open.
+    """The units of ``units`` with their ``pair_keys`` (and ``prepare(unit)``, when given), in
+    order (``__iter__``), read and computed ahead on a helper thread that works while
+    ``gate`` is open.
 
-    The helper hashes the slices of the units read so far, oldest first, and reads the next
-    unit when fewer than ``depth`` are waiting. The caller, when it gets to a unit, reads it
-    itself if the helper has not, and hashes the slices the helper has not started. The
-    helper's errors (a bad shard, a bad value) are raised in the caller, at that unit."""
+    The helper works through the tasks of the units read so far (key slices, then the
+    ``prepare`` steps), oldest first, and reads the next unit when fewer than ``depth`` are
+    waiting. The caller, when it gets to a unit, reads it itself if the helper has not, and
+    runs the tasks the helper has not started. The helper's errors (a bad shard, a bad
+    value) are raised in the caller, at that unit."""
 
     def __init__(
         self,
@@ -89,29 +104,34 @@ class KeysAhead:
         gate: IdleGate | None = None,
         slice_rows: int = SLICE_ROWS,
         depth: int = 1,
+        prepare: Prepare | None = None,
     ) -> None:
         self._units = units
         self._args = (tuple(options), unordered, with_prompts)
         self._gate = gate
         self._slice_rows = slice_rows
         self._depth = depth
+        self._prepare = prepare
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()  # read, not yet handed out
-        self._slices: deque[tuple[_Job, int]] = deque()  # slices no one has started
+        self._todo: deque[tuple[_Job, int]] = deque()  # tasks no one has started
         self._reading = self._exhausted = self._closed = False
         self._read_error: BaseException | None = None
-        self.helper_slices = self.caller_slices = self.helper_reads = self.caller_reads = 0
+        self.helper_tasks = self.caller_tasks = self.helper_reads = self.caller_reads = 0
         self._thread = threading.Thread(target=self._run, name="prefcurate-keys-ahead", daemon=True)
         self._thread.start()
 
-    def __iter__(self) -> Iterator[tuple[pa.RecordBatch, PairKeys]]:
+    def __iter__(self) -> Iterator[tuple[pa.RecordBatch, PairKeys, Any]]:
+        """(unit, its keys, ``prepare(unit)`` or None) for each unit, in order."""
         while (job := self._next_job()) is not None:
-            yield job.batch, self._result(job)
+            self._finish(job)
+            keys = PairKeys.concat(job.results[: job.slices])
+            yield job.batch, keys, (job.results[-1] if self._prepare is not None else None)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._slices.clear()
+            self._todo.clear()
             self._cond.notify_all()
         if self._gate is not None:
             self._gate.open()  # a helper waiting at the gate sees that it is closed
@@ -138,25 +158,23 @@ class KeysAhead:
                     self._reading = False
                     self._cond.notify_all()
 
-    def _result(self, job: _Job) -> PairKeys:
+    def _finish(self, job: _Job) -> None:
+        """Run the job's tasks the helper has not started; wait for the ones it has."""
         while True:
             with self._cond:
-                mine = next((i for i, (j, _) in enumerate(self._slices) if j is job), None)
+                mine = next((i for i, (j, _) in enumerate(self._todo) if j is job), None)
                 if mine is not None:
-                    _, k = self._slices[mine]
-                    del self._slices[mine]
+                    _, k = self._todo[mine]
+                    del self._todo[mine]
                 elif job.pending:
-                    self._wait()  # the helper's slice of this unit is in flight
+                    self._wait()  # the helper's task of this unit is in flight
                     continue
                 else:
                     break
-            self._compute(job, k, gated=False)
-            self.caller_slices += 1
+            self._run_task(job, k, gated=False)
+            self.caller_tasks += 1
         if job.error is not None:
             raise job.error
-        if not job.parts:  # an empty unit
-            return self._keys(job.batch, gated=False)
-        return PairKeys.concat(job.parts)  # type: ignore[arg-type]
 
     def _wait(self) -> None:
         """Wait for the helper (``_cond`` held), with the gate open so that it can go on."""
@@ -170,17 +188,17 @@ class KeysAhead:
             if self._gate is not None:
                 self._gate.wait()  # before taking anything: a shut gate holds nothing up
             with self._cond:
-                while not self._closed and not self._slices and not self._may_read():
+                while not self._closed and not self._todo and not self._may_read():
                     self._cond.wait()
                 if self._closed:
                     return
-                if self._slices:
-                    job, k = self._slices.popleft()
+                if self._todo:
+                    job, k = self._todo.popleft()
                 else:
                     self._reading, job = True, None
             if job is not None:
-                self._compute(job, k, gated=True)
-                self.helper_slices += 1
+                self._run_task(job, k, gated=True)
+                self.helper_tasks += 1
                 continue
             try:
                 if self._gate is not None:
@@ -199,39 +217,36 @@ class KeysAhead:
 
     # -- shared ----------------------------------------------------------------------------
     def _read(self) -> _Job | None:
-        """Read the next unit and queue its slices (called with ``_reading`` set)."""
+        """Read the next unit and queue its tasks (called with ``_reading`` set)."""
         batch = next(self._units, None)
         with self._cond:
             if batch is None:
                 self._exhausted = True
                 return None
-            job = _Job(batch, self._slice_rows)
+            job = _Job(batch, self._slice_rows, self._args, self._prepare)
             self._jobs.append(job)
-            self._slices.extend((job, k) for k in range(len(job.bounds)))
+            self._todo.extend((job, k) for k in range(len(job.tasks)))
             self._cond.notify_all()
         return job
 
-    def _compute(self, job: _Job, k: int, gated: bool) -> None:
-        lo, hi = job.bounds[k]
-        keys, error = None, None
+    def _run_task(self, job: _Job, k: int, gated: bool) -> None:
+        result, error = None, None
         try:
-            keys = self._keys(job.batch.slice(lo, hi - lo), gated)
-        except BaseException as exc:  # re-raised by _result(), in the stage's thread
+            steps = job.tasks[k]()
+            gate = self._gate if gated else None
+            while True:
+                if gate is not None:
+                    gate.wait()
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    result = done.value
+                    break
+        except BaseException as exc:  # re-raised by _finish(), in the stage's thread
             error = exc
         with self._cond:
-            job.parts[k] = keys
+            job.results[k] = result
             if error is not None and job.error is None:
                 job.error = error
             job.pending -= 1
             self._cond.notify_all()
-
-    def _keys(self, batch: pa.RecordBatch, gated: bool) -> PairKeys:
-        steps = pair_key_steps(batch, *self._args)
-        gate = self._gate if gated else None
-        while True:
-            if gate is not None:
-                gate.wait()
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value

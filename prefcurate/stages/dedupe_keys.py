@@ -29,6 +29,7 @@ from prefcurate.backends.embed import text_keys
 from prefcurate.errors import InputError
 from prefcurate.schema import render_text
 from prefcurate.shards import is_stage_dir, iter_batches
+from prefcurate.steps import run_steps
 
 NORMALIZE_CHOICES = ("case", "whitespace", "nfkc", "punctuation", "none")
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
@@ -87,15 +88,6 @@ def normalize_steps(values: pa.Array, options: Iterable[str]) -> Generator[None,
         yield
         values = pc.utf8_trim(values, " ")
     return values
-
-
-def run_steps(steps: Generator[None, None, Any]) -> Any:
-    """Run a step generator to the end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 def _nfkc(values: pa.Array) -> pa.Array:

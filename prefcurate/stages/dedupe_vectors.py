@@ -54,10 +54,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from prefcurate.backends.embed import Embedder, get_embedder, loads_quietly
+from prefcurate.backends.embed import Embedder, PreparedTexts, get_embedder, loads_quietly, prepare_steps
 from prefcurate.stages.base import StageContext, StageInput
 from prefcurate.stages.dedupe_ahead import IdleGate
-from prefcurate.stages.dedupe_keys import part_columns
+from prefcurate.stages.dedupe_keys import part_columns, render_column
+from prefcurate.steps import Steps
 
 
 class RowVectors:
@@ -105,14 +106,26 @@ class RowVectors:
         group_keys: np.ndarray,
         skip: np.ndarray,
         first_only: bool,
+        prepared: dict[str, PreparedTexts] | None = None,
     ) -> None:
         """Encode the provisional rows of ``batch`` (global rows from ``start``): all rows but
         ``skip`` (exactly contaminated), or with ``first_only`` (exact duplicates removed) only
-        the first row of each exact group key (S16) seen so far."""
+        the first row of each exact group key (S16) seen so far. ``prepared``: the batch's
+        part columns from ``prepare_steps`` (done ahead by the exact pass's helper)."""
         rows = self._first_seen(group_keys, skip) if first_only else np.flatnonzero(~skip)
         if len(rows):
-            self._encode(batch, rows)
+            self._encode(batch, rows, prepared)
             self._slot_rows.append(rows + start)
+
+    def prepare_steps(self, batch: pa.RecordBatch) -> Steps[dict[str, PreparedTexts]]:
+        """Each part column of ``batch`` rendered and prepared for ``encode_distinct``: the
+        work on a batch's texts that needs neither the model nor the cache."""
+        out = {}
+        for name in self.names:
+            text = render_column(batch.column(name), roles=False)
+            yield
+            out[name] = yield from prepare_steps(text)
+        return out
 
     def _first_seen(self, group_keys: np.ndarray, skip: np.ndarray) -> np.ndarray:
         """Rows whose group key (its first 64 bits: a collision costs a re-read) no earlier
@@ -127,7 +140,9 @@ class RowVectors:
         rows = np.sort(first[new])
         return rows[~skip[rows]]
 
-    def _encode(self, batch: pa.RecordBatch, rows: np.ndarray) -> None:
+    def _encode(
+        self, batch: pa.RecordBatch, rows: np.ndarray, prepared: dict[str, PreparedTexts] | None = None
+    ) -> None:
         """Embed ``rows`` of ``batch`` into the next slots: each part column's distinct texts
         once, their float16 unit vectors gathered straight into the part's block."""
         import torch  # here, not at import: the CLI starts without it
@@ -136,7 +151,7 @@ class RowVectors:
         dim = embedder.dim
         if self.matrix is None:  # a slot per input row at most: provisional + re-read rows <= rows
             self.matrix = np.empty((max(1, self.n_rows), len(self.names) * dim), np.float16)
-        columns = dict(zip(self.names, part_columns(batch, self.names), strict=True))
+        columns = prepared or dict(zip(self.names, part_columns(batch, self.names), strict=True))
         which = None if count == batch.num_rows else rows
         for k, name in enumerate(self.names):
             vecs, inverse = embedder.encode_distinct(columns[name], progress=self._task, rows=which)
