@@ -228,10 +228,14 @@ def _first_pass(
     first_only = cfg.exact  # other --keep policies: their later leaders are re-read (RowVectors.finish)
     # each unit is read, hashed and its texts prepared on a helper thread while the unit
     # before it is embedded
-    units = _units(source.batches(columns, min(cfg.batch_size, _READ_ROWS)), cfg.batch_size)
-    gate = vectors.gate if vectors is not None else None
-    prepare = vectors.prepare_steps if vectors is not None else None
-    ahead = KeysAhead(units, cfg.normalize, cfg.swapped, bool(eval_index), gate, prepare=prepare)
+    if vectors is not None:
+        units = _units(source.batches(columns, min(cfg.batch_size, _READ_ROWS)), cfg.batch_size)
+        ahead = KeysAhead(
+            units, cfg.normalize, cfg.swapped, bool(eval_index), vectors.gate, prepare=vectors.prepare_steps
+        )
+    else:  # nothing to embed, no gaps to fit in: whole batches, hashed by both threads in halves
+        units = source.batches(columns, cfg.batch_size)
+        ahead = KeysAhead(units, cfg.normalize, cfg.swapped, bool(eval_index), slice_rows=-(-cfg.batch_size // 2))
     try:
         start = 0
         for batch, pk, prepared in ahead:
