@@ -239,6 +239,8 @@ def bench_size(n: int, model: str, work: Path, device: str = "auto", repeat: int
                 # embedding glue, model load), the search, and the rest (decisions, writing)
                 "last_run_model_s": extra.get("model_seconds"),
                 "last_run_first_pass_s": extra.get("hash_and_embed_seconds"),
+                # who read and hashed the exact pass's units: the helper (in the encoder's gaps) or the stage
+                "last_run_read_ahead": extra.get("read_ahead"),
                 "rerun_threshold_change_s": round(rerun, 2),
                 "rerun_texts_encoded": extra2["texts"]["encoded"],
                 **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in quality.items()},
