@@ -12,7 +12,7 @@ import pytest
 from prefcurate.errors import InputError
 from prefcurate.shards import iter_batches
 from prefcurate.stages.dedupe import _units
-from prefcurate.stages.dedupe_ahead import IdleGate, KeysAhead
+from prefcurate.stages.dedupe_ahead import IdleGate, ReadAhead
 from prefcurate.stages.dedupe_keys import pair_keys
 from tests.conftest import llmbar_rows, make_stage_dir
 
@@ -48,7 +48,7 @@ def test_the_caller_alone_gets_every_key_when_the_gate_stays_shut(tmp_path):
     batches = _batches(tmp_path)
     gate = IdleGate()
     with gate.busy():  # the encoder holds every core for the whole run: the helper never starts
-        ahead = KeysAhead(iter(batches), OPTIONS, True, True, gate, slice_rows=7)
+        ahead = ReadAhead(iter(batches), OPTIONS, True, True, gate, slice_rows=7)
         try:
             got = list(ahead)
         finally:
@@ -66,7 +66,7 @@ def test_the_caller_alone_gets_every_key_when_the_gate_stays_shut(tmp_path):
 
 def test_the_helper_reads_and_hashes_ahead_while_the_gate_is_open(tmp_path):
     batches = _batches(tmp_path)
-    ahead = KeysAhead(iter(batches), OPTIONS, True, True, IdleGate(), slice_rows=7)
+    ahead = ReadAhead(iter(batches), OPTIONS, True, True, IdleGate(), slice_rows=7)
     try:
         got = []
         time.sleep(0.3)
@@ -91,7 +91,7 @@ def test_a_shut_gate_stops_the_helper_and_opening_it_lets_it_go_on(tmp_path):
 
     gate = IdleGate()
     with gate.busy():
-        ahead = KeysAhead(units(), OPTIONS, True, True, gate, slice_rows=7)
+        ahead = ReadAhead(units(), OPTIONS, True, True, gate, slice_rows=7)
         time.sleep(0.3)
         assert (pulled, ahead.helper_reads, ahead.helper_tasks) == ([], 0, 0)
     deadline = time.monotonic() + 10
@@ -113,7 +113,7 @@ def test_errors_in_the_helper_are_raised_in_the_caller_at_their_unit(tmp_path):
         raise InputError("bad.parquet: column(s) prompt not present")
 
     seen = []
-    ahead = KeysAhead(units(), OPTIONS, True, False, IdleGate())
+    ahead = ReadAhead(units(), OPTIONS, True, False, IdleGate())
     try:
         with pytest.raises(InputError, match="bad.parquet"):
             for batch, _, _ in ahead:
@@ -126,7 +126,7 @@ def test_errors_in_the_helper_are_raised_in_the_caller_at_their_unit(tmp_path):
     broken = pa.RecordBatch.from_pydict(
         {"prompt": ["not a message list"], "chosen": ["x"], "rejected": ["y"], "tie": [False]}
     )
-    ahead = KeysAhead(iter([batches[0], broken]), OPTIONS, True, False, IdleGate())
+    ahead = ReadAhead(iter([batches[0], broken]), OPTIONS, True, False, IdleGate())
     try:
         with pytest.raises(pa.ArrowException):
             list(ahead)
@@ -138,7 +138,7 @@ def test_close_ends_a_helper_waiting_at_a_shut_gate(tmp_path):
     batches = _batches(tmp_path)
     gate = IdleGate()
     with gate.busy():
-        ahead = KeysAhead(iter(batches), OPTIONS, True, False, gate)
+        ahead = ReadAhead(iter(batches), OPTIONS, True, False, gate)
         closer = threading.Thread(target=ahead.close)
         closer.start()
         closer.join(timeout=10)
@@ -184,7 +184,7 @@ def test_a_caller_that_waits_inside_a_busy_section_lets_the_helper_finish(tmp_pa
     pauses = iter([0.0005 * k for k in range(40)])
 
     def consume():
-        ahead = KeysAhead(iter(batches), OPTIONS, True, True, gate, slice_rows=2)
+        ahead = ReadAhead(iter(batches), OPTIONS, True, True, gate, slice_rows=2)
         try:
             units = iter(ahead)
             while True:

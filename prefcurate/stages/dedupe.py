@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from prefcurate.errors import ConfigError
 from prefcurate.shards import files_fingerprint
 from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, split
-from prefcurate.stages.dedupe_ahead import KeysAhead
+from prefcurate.stages.dedupe_ahead import ReadAhead
 from prefcurate.stages.dedupe_groups import (
     CONTAM,
     KEEP,
@@ -230,12 +230,12 @@ def _first_pass(
     # before it is embedded
     if vectors is not None:
         units = _units(source.batches(columns, min(cfg.batch_size, _READ_ROWS)), cfg.batch_size)
-        ahead = KeysAhead(
+        ahead = ReadAhead(
             units, cfg.normalize, cfg.swapped, bool(eval_index), vectors.gate, prepare=vectors.prepare_steps
         )
     else:  # nothing to embed, no gaps to fit in: whole batches, hashed by both threads in halves
         units = source.batches(columns, cfg.batch_size)
-        ahead = KeysAhead(units, cfg.normalize, cfg.swapped, bool(eval_index), slice_rows=-(-cfg.batch_size // 2))
+        ahead = ReadAhead(units, cfg.normalize, cfg.swapped, bool(eval_index), slice_rows=-(-cfg.batch_size // 2))
     try:
         start = 0
         for batch, pk, prepared in ahead:

@@ -1,16 +1,18 @@
-"""The exact pass's keys of the next batch, hashed in the gaps the CPU encoder leaves.
+"""The exact pass's next unit of rows, read, hashed and its texts prepared in the gaps the
+CPU encoder leaves.
 
 Where the gaps are: a static model's call is the tokenizer's thread pool, which keeps both
 cores of this 2-core VM busy (1.95 cores over a call), then its pooling, one thread
 (~12% of the model's time). During the pooling, and in the stage's own glue between model
-calls, one core idles. Normalizing and hashing a batch's three texts (``pair_key_steps``:
-Arrow kernels that release the GIL, for the most part) fits in those gaps with room to
-spare: ~11 core-microseconds a row against ~35 of idle core time a row.
+calls, one core idles. Reading a unit, normalizing and hashing its three texts
+(``pair_key_steps``) and preparing them for the encoder (``RowVectors.prepare_steps``:
+distinct texts, cache keys) are mostly Arrow kernels that release the GIL, and fit in
+those gaps: hashing is ~11 core-microseconds a row against ~35 of idle core time a row.
 
 How it stays in the gaps: the encoder enters ``Embedder.parallel_section`` around its
-multi-threaded part, which shuts an ``IdleGate``. A helper thread computes keys one Arrow
-kernel at a time (a few ms on a 1k-row slice) and waits at the gate between kernels, so it
-competes with the tokenizer's threads for at most one kernel each time the gate shuts.
+multi-threaded part, which shuts an ``IdleGate``. A helper thread works one step at a time
+(an Arrow kernel on a 1k-row slice: a few ms) and waits at the gate between steps, so it
+competes with the tokenizer's threads for at most one step each time the gate shuts.
 
 Why a gate and not just a thread: the tokenizer splits each call over its threads, so a
 third runnable thread makes one of them a straggler that the whole call waits for. Hashing
@@ -19,9 +21,10 @@ the next batch on a plain worker thread saved nothing (the tried-and-dropped not
 Here the helper runs at normal priority and only while a core is free.
 
 Nothing waits for the helper when it falls behind (no gaps: a busy machine, or a
-transformer on CPU whose forward pass is one long section): ``KeysAhead.result`` computes
-the slices the helper has not started itself, alongside it, so a batch's keys never take
-longer than on the two threads ``pair_keys`` used before.
+transformer on CPU whose forward pass is one long section): when the stage gets to a unit
+it runs the tasks the helper has not started itself, alongside it, so the work is done
+on two threads as before. Without an encoder (exact-only dedupe) there is no gate, and
+the two threads simply share each batch.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ import pyarrow as pa
 from prefcurate.stages.dedupe_keys import PairKeys, pair_key_steps
 from prefcurate.steps import Steps
 
-Prepare = Callable[[pa.RecordBatch], Steps]  # a unit's extra work, as steps (``KeysAhead``)
+Prepare = Callable[[pa.RecordBatch], Steps]  # a unit's extra work, as steps (``ReadAhead``)
 
-SLICE_ROWS = 1024  # rows per unit of work: the helper and the caller take whole slices
+SLICE_ROWS = 1024  # rows per key slice: the helper and the stage each take whole slices
 
 
 class IdleGate:
@@ -84,7 +87,7 @@ class _Job:
         self.error: BaseException | None = None
 
 
-class KeysAhead:
+class ReadAhead:
     """The units of ``units`` with their ``pair_keys`` (and ``prepare(unit)``, when given), in
     order (``__iter__``), read and computed ahead on a helper thread that works while
     ``gate`` is open.
@@ -118,7 +121,7 @@ class KeysAhead:
         self._reading = self._exhausted = self._closed = False
         self._read_error: BaseException | None = None
         self.helper_tasks = self.caller_tasks = self.helper_reads = self.caller_reads = 0
-        self._thread = threading.Thread(target=self._run, name="prefcurate-keys-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="prefcurate-read-ahead", daemon=True)
         self._thread.start()
 
     def __iter__(self) -> Iterator[tuple[pa.RecordBatch, PairKeys, Any]]:
