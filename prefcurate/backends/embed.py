@@ -322,8 +322,8 @@ class Embedder:
 
     ``parallel_section`` is a context manager the CPU encoders enter around the part of a
     model call that keeps every core busy (the tokenizer's thread pool; a transformer's whole
-    forward pass). A caller that sets it learns when the cores are taken: dedupe hashes its
-    next batch on a helper thread only outside those sections (``dedupe_ahead``).
+    forward pass). A caller that sets it learns when the cores are taken: dedupe reads, hashes
+    and prepares its next rows on a helper thread only outside those sections (``dedupe_ahead``).
     """
 
     name: str

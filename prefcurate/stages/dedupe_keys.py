@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ from prefcurate.backends.embed import text_keys
 from prefcurate.errors import InputError
 from prefcurate.schema import render_text
 from prefcurate.shards import is_stage_dir, iter_batches
-from prefcurate.steps import run_steps
+from prefcurate.steps import Steps, run_steps
 
 NORMALIZE_CHOICES = ("case", "whitespace", "nfkc", "punctuation", "none")
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
@@ -68,7 +68,7 @@ def normalize_column(values: pa.Array, options: Iterable[str]) -> pa.Array:
     return run_steps(normalize_steps(values, options))
 
 
-def normalize_steps(values: pa.Array, options: Iterable[str]) -> Generator[None, None, pa.Array]:
+def normalize_steps(values: pa.Array, options: Iterable[str]) -> Steps[pa.Array]:
     """``normalize_column`` one kernel at a time: it yields after each (a pause point for a
     helper thread, see ``pair_key_steps``) and returns the normalized column."""
     opts = set(options) - {"none"}
@@ -166,7 +166,7 @@ def pair_keys(batch: pa.RecordBatch, options: Sequence[str], unordered: bool, wi
 
 def pair_key_steps(
     batch: pa.RecordBatch, options: Sequence[str], unordered: bool, with_prompts: bool
-) -> Generator[None, None, PairKeys]:
+) -> Steps[PairKeys]:
     """``pair_keys`` one Arrow kernel at a time: it yields after each (a few ms on 1k rows) and
     returns the keys, so a helper thread can stop between kernels while the cores are taken
     (``dedupe_ahead``). Every key is a function of its own row only, so a batch's keys are
