@@ -445,3 +445,18 @@ def test_ivf_join_matches_exact_search_with_decontamination(tmp_path):
     assert {"row6", "row20"} <= {k for k, v in summary.items() if v[0] == "contaminated"}
     assert {k for k, v in summary.items() if v[0] == "near-duplicate"} >= {"para-of-3"}
     assert flat_kept == ivf_kept
+
+
+def test_the_decisions_do_not_depend_on_the_batch_size(tmp_path):
+    # small batches: many units read, hashed and prepared ahead while the one before is embedded
+    rows = _planted() + _hh(60)
+    _, kept_small, rejects_small = _run(tmp_path, rows, "small", batch_size=4)
+    _, kept_big, rejects_big = _run(tmp_path, rows, "big")
+    assert kept_small == kept_big
+    assert {k: (v["reject_reason"], v["duplicate_of"]) for k, v in rejects_small.items()} == {
+        k: (v["reject_reason"], v["duplicate_of"]) for k, v in rejects_big.items()
+    }
+    assert {k: v["similarity"] for k, v in rejects_small.items()} == pytest.approx(
+        {k: v["similarity"] for k, v in rejects_big.items()}, abs=1e-6
+    )
+    assert {"exact-of-0", "swap-of-1", "para-of-3"} <= set(rejects_small)

@@ -41,7 +41,7 @@ import pyarrow as pa
 from prefcurate.stages.dedupe_keys import PairKeys, pair_key_steps
 from prefcurate.steps import Steps
 
-Prepare = Callable[[pa.RecordBatch], Steps]  # a unit's extra work, as steps (``ReadAhead``)
+Prepare = Callable[[pa.RecordBatch, int], Steps]  # a unit's extra work (unit, its first row), as steps
 
 SLICE_ROWS = 1024  # rows per key slice: the helper and the stage each take whole slices
 
@@ -73,7 +73,9 @@ class IdleGate:
 class _Job:
     """One unit and its tasks: the key slices, then (optionally) ``prepare``."""
 
-    def __init__(self, batch: pa.RecordBatch, slice_rows: int, args: tuple, prepare: Prepare | None) -> None:
+    def __init__(
+        self, batch: pa.RecordBatch, start: int, slice_rows: int, args: tuple, prepare: Prepare | None
+    ) -> None:
         self.batch = batch
         bounds = [(lo, min(lo + slice_rows, batch.num_rows)) for lo in range(0, batch.num_rows, slice_rows)] or [(0, 0)]
         self.tasks: list[Callable[[], Steps]] = [
@@ -81,14 +83,14 @@ class _Job:
         ]
         self.slices = len(self.tasks)
         if prepare is not None:
-            self.tasks.append(functools.partial(prepare, batch))
+            self.tasks.append(functools.partial(prepare, batch, start))
         self.results: list[Any] = [None] * len(self.tasks)
         self.pending = len(self.tasks)
         self.error: BaseException | None = None
 
 
 class ReadAhead:
-    """The units of ``units`` with their ``pair_keys`` (and ``prepare(unit)``, when given), in
+    """The units of ``units`` with their ``pair_keys`` (and ``prepare(unit, first row)``, when given), in
     order (``__iter__``), read and computed ahead on a helper thread that works while
     ``gate`` is open.
 
@@ -120,12 +122,13 @@ class ReadAhead:
         self._todo: deque[tuple[_Job, int]] = deque()  # tasks no one has started
         self._reading = self._exhausted = self._closed = False
         self._read_error: BaseException | None = None
+        self._rows_read = 0
         self.helper_tasks = self.caller_tasks = self.helper_reads = self.caller_reads = 0
         self._thread = threading.Thread(target=self._run, name="prefcurate-read-ahead", daemon=True)
         self._thread.start()
 
     def __iter__(self) -> Iterator[tuple[pa.RecordBatch, PairKeys, Any]]:
-        """(unit, its keys, ``prepare(unit)`` or None) for each unit, in order."""
+        """(unit, its keys, ``prepare(unit, first row)`` or None) for each unit, in order."""
         while (job := self._next_job()) is not None:
             self._finish(job)
             keys = PairKeys.concat(job.results[: job.slices])
@@ -226,7 +229,8 @@ class ReadAhead:
             if batch is None:
                 self._exhausted = True
                 return None
-            job = _Job(batch, self._slice_rows, self._args, self._prepare)
+            job = _Job(batch, self._rows_read, self._slice_rows, self._args, self._prepare)
+            self._rows_read += batch.num_rows
             self._jobs.append(job)
             self._todo.extend((job, k) for k in range(len(job.tasks)))
             self._cond.notify_all()

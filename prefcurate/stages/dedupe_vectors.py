@@ -118,14 +118,23 @@ class RowVectors:
             self._encode(batch, rows, prepared)
             self._slot_rows.append(rows + start)
 
-    def prepare_steps(self, batch: pa.RecordBatch) -> Steps[dict[str, PreparedTexts]]:
-        """Each part column of ``batch`` rendered and prepared for ``encode_distinct``: the
-        work on a batch's texts that needs neither the model nor the cache."""
+    def prepare_steps(self, batch: pa.RecordBatch, start: int) -> Steps[dict[str, PreparedTexts]]:
+        """Each part column of ``batch`` (global rows from ``start``) rendered and prepared for
+        ``encode_distinct``: the work on a batch's texts that needs neither the model nor the
+        cache. Run ahead (``dedupe_ahead``), it also writes zeros over the matrix rows the
+        batch's slots will take at most, so their pages are mapped before the stage's thread
+        fills them (the first write to a fresh page costs ~1.3 s a GB on this VM; at 200k rows
+        the stage's gathers into the matrix went from 0.85 to 0.70 s). Slots never run ahead
+        of rows, and the stage fills the slots of earlier batches only, below ``start``, so
+        the two threads never touch the same row."""
         out = {}
         for name in self.names:
             text = render_column(batch.column(name), roles=False)
             yield
             out[name] = yield from prepare_steps(text)
+        matrix = self.matrix  # allocated by the stage's thread with the first batch
+        if matrix is not None:
+            matrix[start : start + batch.num_rows].fill(0)
         return out
 
     def _first_seen(self, group_keys: np.ndarray, skip: np.ndarray) -> np.ndarray:
