@@ -66,18 +66,26 @@ def test_the_caller_alone_gets_every_key_when_the_gate_stays_shut(tmp_path):
 
 def test_the_helper_reads_and_hashes_ahead_while_the_gate_is_open(tmp_path):
     batches = _batches(tmp_path)
+    tasks = [-(-b.num_rows // 7) for b in batches]
     ahead = ReadAhead(iter(batches), OPTIONS, True, True, IdleGate(), slice_rows=7)
+
+    def settle(units: int) -> None:  # the caller "embeds" while the helper reads and hashes ahead
+        deadline = time.monotonic() + 20
+        while (ahead.helper_reads, ahead.helper_tasks) != (units, sum(tasks[:units])):
+            assert time.monotonic() < deadline, (ahead.helper_reads, ahead.helper_tasks)
+            time.sleep(0.005)
+
     try:
         got = []
-        time.sleep(0.3)
+        settle(1)
         for item in ahead:
             got.append(item)
-            time.sleep(0.3)  # the caller "embeds" this unit: the helper reads and hashes the next
+            settle(min(len(got) + 1, len(batches)))  # depth 1: the next unit, no further
     finally:
         ahead.close()
     _same(got, _expected(batches))
     assert (ahead.helper_reads, ahead.caller_reads) == (len(batches), 0)
-    assert (ahead.helper_tasks, ahead.caller_tasks) == (sum(-(-b.num_rows // 7) for b in batches), 0)
+    assert (ahead.helper_tasks, ahead.caller_tasks) == (sum(tasks), 0)
 
 
 def test_a_shut_gate_stops_the_helper_and_opening_it_lets_it_go_on(tmp_path):
