@@ -6,16 +6,19 @@ while the encoder's threads hold every core), while ``run_steps`` runs it in one
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TypeVar
 
 T = TypeVar("T")
 Steps = Generator[None, None, T]
 
 
-def run_steps(steps: Steps[T]) -> T:
-    """Run a step generator to the end; its return value."""
+def run_steps(steps: Steps[T], pause: Callable[[], object] | None = None) -> T:
+    """Run a step generator to the end; its return value. ``pause``, when given, is called
+    before each step (dedupe's helper waits at its gate there)."""
     while True:
+        if pause is not None:
+            pause()
         try:
             next(steps)
         except StopIteration as done:

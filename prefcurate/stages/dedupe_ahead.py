@@ -39,7 +39,7 @@ from typing import Any
 import pyarrow as pa
 
 from prefcurate.stages.dedupe_keys import PairKeys, pair_key_steps
-from prefcurate.steps import Steps
+from prefcurate.steps import Steps, run_steps
 
 Prepare = Callable[[pa.RecordBatch, int], Steps]  # a unit's extra work (unit, its first row), as steps
 
@@ -239,16 +239,7 @@ class ReadAhead:
     def _run_task(self, job: _Job, k: int, gated: bool) -> None:
         result, error = None, None
         try:
-            steps = job.tasks[k]()
-            gate = self._gate if gated else None
-            while True:
-                if gate is not None:
-                    gate.wait()
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    result = done.value
-                    break
+            result = run_steps(job.tasks[k](), self._gate.wait if gated and self._gate is not None else None)
         except BaseException as exc:  # re-raised by _finish(), in the stage's thread
             error = exc
         with self._cond:
