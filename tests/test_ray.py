@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,10 +163,20 @@ def _not_on_the_driver(*args: Any, **kwargs: Any) -> Any:
 
 
 def _run_both(
-    stage: Stage, src: Path, tmp_path: Path, ray_engine: Any, *, rejects: bool = True, forbid: Any = None
+    stage: Stage,
+    src: Path,
+    tmp_path: Path,
+    ray_engine: Any,
+    *,
+    rejects: bool = True,
+    forbid: Any = None,
+    model_columns: Sequence[str] = (),
 ) -> tuple[Manifest, Manifest]:
     """Local then Ray; ``forbid`` (a pytest MonkeyPatch and a list of (owner, attribute)) makes
-    those fail in this process for the Ray run, so equal output proves workers did that work."""
+    those fail in this process for the Ray run, so equal output proves workers did that work.
+    ``model_columns``: float columns computed by a torch model, equal to float rounding only
+    (a Ray actor runs torch on one thread, the driver on all cores, and a product summed in
+    another order can differ in its last bit); every other column must be equal exactly."""
     local, _ = stage.run(src, tmp_path / "local")
     if forbid is not None:
         monkeypatch, targets = forbid
@@ -178,6 +188,10 @@ def _run_both(
         a, b = read_table(tmp_path / "local", subdir=sub), read_table(tmp_path / "ray", subdir=sub)
         assert a.num_rows > 0
         assert a.schema.equals(b.schema, check_metadata=False)
+        close = [c for c in model_columns if c in a.column_names]
+        for c in close:
+            np.testing.assert_allclose(b[c].to_numpy(), a[c].to_numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{sub}.{c}")
+        a, b = a.drop_columns(close), b.drop_columns(close)
         assert a.equals(b), f"{sub}: ray output differs from local"
     for m in (local, remote):
         assert m.rows_in == m.rows_out + m.rows_rejected
@@ -319,7 +333,10 @@ def test_hf_reward_member_forward_passes_run_on_ray_actors(
     stage = ScoreStage(ScoreConfig(member=[f"hf:{hf_rm}"], max_length=64, device="cpu"))
     # The model is loaded and run only in actors: the driver may neither build nor call it.
     forbid = (monkeypatch, [(reward_hf.WindowScorer, "__init__"), (reward_hf.WindowScorer, "__call__")])
-    local, remote = _run_both(stage, sharded_input, tmp_path, RayEngine(), rejects=False, forbid=forbid)
+    scores = ("reward_chosen__hf_rm", "reward_rejected__hf_rm", "margin__hf_rm", "margin_mean", "margin_worst")
+    local, remote = _run_both(
+        stage, sharded_input, tmp_path, RayEngine(), rejects=False, forbid=forbid, model_columns=scores
+    )
     a, b = local.extra["members"]["hf_rm"], remote.extra["members"]["hf_rm"]
     assert a == b and a["device"] == "cpu" and a["truncated"] > 0  # counted in actors, summed on the driver
 
