@@ -55,7 +55,14 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from prefcurate.backends.embed import Embedder, PreparedTexts, get_embedder, loads_quietly, prepare_steps
+from prefcurate.backends.embed import (
+    Embedder,
+    PreparedTexts,
+    get_embedder,
+    loads_quietly,
+    prepare_steps,
+    serial_torch,
+)
 from prefcurate.stages.base import StageContext, StageInput
 from prefcurate.stages.dedupe_ahead import IdleGate
 from prefcurate.stages.dedupe_keys import part_columns, render_column
@@ -167,7 +174,8 @@ class RowVectors:
             vecs, inverse = embedder.encode_distinct(columns[name], progress=self._task, rows=which)
             # torch's gather moves rows with vector copies, numpy's element by element (2 bytes)
             block = torch.from_numpy(self.matrix)[slot : slot + count, k * dim : (k + 1) * dim]
-            block.copy_(torch.from_numpy(vecs).index_select(0, torch.from_numpy(inverse.astype(np.int64))))
+            with serial_torch():
+                block.copy_(torch.from_numpy(vecs).index_select(0, torch.from_numpy(inverse.astype(np.int64))))
         self._slots += count
 
     # -- after the exact pass --------------------------------------------------------------
