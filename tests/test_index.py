@@ -148,12 +148,14 @@ def test_a_giant_cell_of_identical_rows_is_one_capped_component_in_the_join(prec
     assert (s >= 0.9).all() and (i < j).all()
 
 
-def test_join_precision_is_bf16_only_with_amx(monkeypatch):
+def test_join_precision_is_bf16_only_with_native_bf16(monkeypatch):
     import prefcurate.backends.index as index
 
     monkeypatch.setattr(index, "_cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
     assert index.join_precision() == "bf16"
-    monkeypatch.setattr(index, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(index, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # AMD Zen 4
+    assert index.join_precision() == "bf16"
+    monkeypatch.setattr(index, "_cpu_flags", lambda: {"avx512f", "avx2", "fma"})
     assert index.join_precision() == "fp32"
     monkeypatch.setattr(index, "_cpu_flags", lambda: None)
     assert index.join_precision() == "fp32" and index.join_precision("bf16") == "bf16"
