@@ -9,7 +9,6 @@ import pytest
 from prefcurate.backends.index import (
     CPU_EXACT_MAX_ROWS,
     NeighborIndex,
-    _ivf_join,
     choose_kind,
     connected_components,
     gpu_available,
@@ -17,6 +16,7 @@ from prefcurate.backends.index import (
     resolve_index_device,
     similar_pairs,
 )
+from prefcurate.backends.ivf_join import ivf_join as _ivf_join
 from prefcurate.errors import InputError, MissingDependency
 
 

@@ -15,7 +15,7 @@ projected vectors cannot be an edge. The ``similarity`` reported for an edge is 
 exact cosine of the full vectors.
 
 - **flat** (small sets; GPU up to ``GPU_EXACT_MAX_ROWS``): FAISS ``IndexFlatIP``, exact.
-- **ivf on CPU: an IVF join** (``_ivf_join``). Cells come from FAISS k-means on a 64-d
+- **ivf on CPU: an IVF join** (``ivf_join.ivf_join``). Cells come from FAISS k-means on a 64-d
   centered PCA projection; each row probes its ``IVF_NPROBE`` nearest cells, like a FAISS IVF
   search, but each cell is compared with all the rows probing it in one matrix product on
   the top ``FILTER_DIM`` (256) components (bfloat16 on CPUs with native bf16, its rounding error
@@ -41,11 +41,15 @@ import platform
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from prefcurate.errors import InputError, MissingDependency
 from prefcurate.stages.base import ProgressTask
+
+if TYPE_CHECKING:
+    from prefcurate.backends.ivf_join import JoinOperands
 
 # Crossover measured on this 2-core CPU with 768-d static pair vectors, k=16, all-vs-all, build
 # included (benchmarks/bench_dedupe.py --index-sweep, faiss on SkylakeX kernels): 4k rows flat
@@ -62,15 +66,6 @@ IVF_NPROBE = 8
 _PCA_SAMPLE = 4096  # rows for the covariance: the top 64 directions of 768 are stable by then
 _SEARCH_CHUNK = 8192
 _RESCORE_CHUNK = 2048  # queries per search call in the approximate path
-_JOIN_BLOCK = 1 << 20  # at most this many distances per GEMM block in the IVF join
-_JOIN_ROWS = 1024  # rows per block (bf16 on AMX: 1024 x 64k members ran fastest, 2048 slower)
-_BF16_PAD = 64  # a cell's members padded to a multiple of this in bf16 (one kernel per shape)
-_OPERAND_ROWS = 1 << 16  # member rows turned into right operands at once (``_cell_operands``)
-# In bf16, a row with more than k candidates in a cell keeps this many times k by the filter's
-# value, then the k nearest of those by exact cosine (bf16 cannot order close neighbours, and
-# exact cosines for every candidate of a giant cell cost 5x more: 6,000 identical rows 19 s,
-# 3.6 s with the cut, 1.9 s in float32, which ranks by its own filter values)
-_BF16_RANK = 4
 _PAIR_CHUNK = 4096  # candidate pairs per exact re-score: 2 x 12 MB gathered, reused by malloc (a 100 MB
 # gather is a fresh mmap each time, and its page faults cost more than the arithmetic)
 
@@ -85,11 +80,13 @@ class IndexInfo:
     nprobe: int | None = None
     join: bool = False  # all-vs-all IVF join (CPU) instead of a FAISS search per query
     gemm: str = ""  # the join's product: fp32, or bf16 on CPUs with native bf16 (AMX, AVX-512 BF16)
+    ahead: bool = False  # the join's operands were built while the rows were embedded
 
     def describe(self) -> str:
         extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.nlist else ""
         if self.join:
-            cells = f"FAISS k-means cells, {self.dim}-d {self.gemm} filter"
+            ahead = ", operands built ahead" if self.ahead else ""
+            cells = f"FAISS k-means cells, {self.dim}-d {self.gemm} filter{ahead}"
             return f"IVF join on {self.device} ({self.rows} rows, {cells}{extra})"
         return f"FAISS {self.kind} on {self.device} ({self.rows} rows, {self.dim}-d{extra})"
 
@@ -349,6 +346,7 @@ def similar_pairs(
     progress: ProgressTask | None = None,
     scale: float = 1.0,
     precision: str = "auto",
+    operands: JoinOperands | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, IndexInfo]:
     """All-vs-all: edges (i, j, cosine) with i < j and cosine >= ``threshold``, each edge once.
 
@@ -357,10 +355,13 @@ def similar_pairs(
     into float32 a block at a time (no float32 copy of the whole matrix).
 
     Approximate indexes give candidates only; each distinct candidate pair is re-scored once
-    with the full vectors (a pair is usually found from both of its ends)."""
+    with the full vectors (a pair is usually found from both of its ends). ``operands``: the
+    CPU join's row operands built ahead (``ivf_join.JoinOperands``), used by that path only."""
     where = resolve_index_device(device)
     if choose_kind(len(vectors), where, kind) == "ivf" and where == "cpu" and vectors.shape[1] > REDUCED_DIM:
-        return _ivf_join(vectors, threshold, k, progress, scale=scale, precision=precision)
+        from prefcurate.backends.ivf_join import ivf_join
+
+        return ivf_join(vectors, threshold, k, progress, scale=scale, precision=precision, operands=operands)
     vectors = _f32(vectors, scale)
     index = NeighborIndex(vectors, device, kind)
     chunk = _SEARCH_CHUNK if index.exact else _RESCORE_CHUNK
@@ -408,227 +409,6 @@ def join_precision(precision: str = "auto") -> str:
     if precision != "auto":
         return precision
     return "bf16" if {"amx_bf16", "avx512_bf16"} & (_cpu_flags() or set()) else "fp32"
-
-
-def _ivf_join(
-    vectors: np.ndarray,
-    threshold: float,
-    k: int,
-    progress: ProgressTask | None,
-    nprobe: int = IVF_NPROBE,
-    scale: float = 1.0,
-    precision: str = "auto",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, IndexInfo]:
-    """All-vs-all near pairs on CPU as an IVF *join*: the same cells and probes as a FAISS IVF
-    search, but each cell is compared with every row that probes it in one matrix product,
-    instead of one query at a time.
-
-    1. Centered PCA to ``FILTER_DIM`` components; k-means (FAISS) on the top ``REDUCED_DIM``
-       gives ``nlist`` cells; each row lives in its nearest cell and probes its ``nprobe``
-       nearest.
-    2. Per cell, one product gives ``-|q - m|^2 / 2`` on the ``FILTER_DIM`` components for
-       every (row probing it, member) pair (``_join_operands``: no pass over the block to
-       turn dot products into distances). A pair is a candidate when that is within the bound
-       of the threshold (lossless: a projection never lengthens a difference), keeping each
-       row's ``k`` nearest per cell, so one giant cluster cannot flood memory.
-    3. Each distinct candidate pair is re-scored once with the full vectors.
-
-    The product runs in torch, whose CPU GEMM and row gathers (``index_select``) beat numpy's
-    here; where the CPU has native bf16 (``join_precision``) it runs in bfloat16 with float32
-    accumulation. bf16 keeps 8 significant bits, so each pair's bound is widened by the
-    worst-case rounding error, which rides in the product itself (``_join_operands``): still
-    lossless, at the price of more candidates for the exact re-score. oneDNN builds a kernel
-    per matrix shape, so in bf16 every block has ``_JOIN_ROWS`` rows and a cell's members are
-    padded to a multiple of ``_BF16_PAD`` (padding scores -1e4: never a candidate); with a
-    shape per cell, building kernels took longer than the arithmetic.
-
-    Measured at 200k static pair vectors (768-d) on 2 cores: 3x faster than FAISS IVFFlat
-    top-k search in 64-d plus re-scoring, with the same or more edges (no global top-k cap).
-    The join itself at 200k rows (medians of 3 interleaved runs): numpy float32 4.8 s, torch
-    float32 3.8 s, torch bf16 on AMX 3.0 s, all with the same 10,592 edges (20k rows: 0.49 /
-    0.44 / 0.46 s, where fixed costs dominate). Then the PCA's eigh moved from numpy float64 to
-    torch float32 (``pca``) and the member operands came to be built for many cells at once
-    (``_cell_operands``): 20k rows 0.50 -> 0.28 s; 200k rows ~2.8 s (medians, noisy).
-    Tried and dropped: fitting the cells and projecting each block on a background thread
-    while the encoder runs. The encoder keeps ~1.5 of the 2 cores busy, and the stolen time
-    cost it more than the search saved (20k rows: 5.74 s vs 5.53 s over 4 runs each; 200k:
-    51.1 s vs 50.0 s).
-    """
-    import torch
-
-    faiss = _faiss()
-    n, dim = vectors.shape
-    nlist = _nlist(n)
-    nprobe = min(nprobe, nlist)
-    bf16 = join_precision(precision) == "bf16"
-    info = IndexInfo("ivf", "cpu", n, min(dim, FILTER_DIM), nlist, nprobe, join=True, gemm="bf16" if bf16 else "fp32")
-    proj, offset = pca(_f32(_sample(vectors, _PCA_SAMPLE), scale), FILTER_DIM)
-    floor = -0.5 * _bound(threshold)  # a candidate has -|q - m|^2/2 >= floor
-    ops, coarse = _join_operands(vectors, proj, offset, scale, bf16)
-    # 5 iterations: cells only route pairs; 3 vs 10 iterations found the same edges at 200k rows
-    kmeans = faiss.Kmeans(REDUCED_DIM, nlist, niter=5, seed=1234, max_points_per_centroid=40)
-    kmeans.train(_sample(coarse, 40 * nlist))
-    _, probes = kmeans.index.search(coarse, nprobe)  # column 0: the row's own cell
-    del coarse
-    members, member_start = _by_cell(probes[:, 0], nlist)
-    # rank-major, so each cell's probers start with its own members, in the members' order:
-    # a row meets itself on the diagonal of the cell's first rows, masked below
-    probers, prober_start = _by_cell(probes.T.ravel(), nlist)
-    probers %= n  # flat position -> row
-    members_t, probers_t = torch.from_numpy(members), torch.from_numpy(probers)
-    # the floor in the block's dtype, rounded down (a bf16 comparison rounds the scalar too)
-    lim = torch.tensor(floor * (1 + 2 * (_BF16_U if bf16 else 2.0**-24)), dtype=ops.dtype)
-    assert lim.item() <= floor
-    packed: list[np.ndarray] = []
-    group, at, first = None, None, 0
-    for cell in range(nlist):
-        if group is None or cell >= first + len(at) - 1:  # the next cells' member operands, at once
-            first = cell
-            group, at = _cell_operands(ops, members_t, member_start, cell, floor, bf16)
-        mem = members[member_start[cell] : member_start[cell + 1]]
-        if not len(mem) or prober_start[cell] == prober_start[cell + 1]:
-            continue
-        mem_t = group[at[cell - first] : at[cell - first + 1]].T
-        block = min(_JOIN_ROWS, max(1, _JOIN_BLOCK // mem_t.shape[1]))
-        for start in range(prober_start[cell], prober_start[cell + 1], block):
-            stop = min(start + block, prober_start[cell + 1])
-            idx = probers_t[start:stop]
-            if bf16 and len(idx) < block:  # the fixed shape: repeat the last row, ignore its results
-                idx = torch.cat([idx, idx[-1:].expand(block - len(idx))])
-            d = (torch.index_select(ops, 0, idx) @ mem_t)[: stop - start]
-            own = start - prober_start[cell]  # this block's first position among the cell's probers
-            if own < len(mem):  # rows [own, len(mem)) of the cell's probers are its members
-                diag = torch.arange(own, min(len(mem), stop - prober_start[cell]))
-                d[diag - own, diag] = -1e4
-            near = np.flatnonzero((d.amax(1) >= lim).numpy())  # a fast reduction first: few rows have any
-            if not len(near):
-                continue
-            sub = d.index_select(0, torch.from_numpy(near))
-            qi, mi = np.nonzero((sub >= lim).numpy())
-            q = probers[start:stop][near]
-            a, b = q[qi], mem[mi]
-            counts = np.bincount(qi, minlength=len(q))
-            if counts.max(initial=0) > k:  # keep each row's k nearest in this cell
-                score = sub[torch.from_numpy(qi), torch.from_numpy(mi)].float().numpy()
-                if bf16:  # too coarse to rank close neighbours: a wide cut, then exact cosines
-                    qi, a, b = _nearest_k(score, qi, a, b, counts, _BF16_RANK * k)
-                    counts = np.bincount(qi, minlength=len(q))
-                    score = pair_cosines(vectors, a, b, scale)
-                qi, a, b = _nearest_k(score, qi, a, b, counts, k)
-            packed.append(np.minimum(a, b) * n + np.maximum(a, b))
-        if progress is not None:
-            progress.advance(len(mem))
-    pairs = np.unique(np.concatenate(packed)) if packed else np.zeros(0, np.int64)
-    i, j = pairs // n, pairs % n
-    s = pair_cosines(vectors, i, j, scale)
-    hit = s >= threshold
-    return i[hit], j[hit], s[hit], info
-
-
-_BF16_U = 2.0**-8  # bfloat16's unit roundoff (8 significant bits, round to nearest)
-_ACC = 264 * 2.0**-24  # float32 accumulation over the operands' columns, relative to the magnitudes
-
-
-def _join_operands(vectors: np.ndarray, proj: np.ndarray, offset: np.ndarray, scale: float, bf16: bool) -> tuple:
-    """The join's row operands as a torch (n, FILTER_DIM + 8) tensor (bf16 or float32), and the
-    top ``REDUCED_DIM`` components for the cells (numpy float32). ``p = (x - mean) P`` is
-    computed a chunk at a time in float32 (``x`` being ``scale`` times a row of ``vectors``);
-    with ``h = |p|^2 / 2 - (|x|^2 - 1) / 2`` a row is::
-
-        [p, 1, 1, -h', -h'', |p|, |h|, 1, 0]      and a member (``_cell_operands``)
-        [p, -h', -h'', 1, 1, a |p|, b, b |h| + c, 0]
-
-    (``h'`` + ``h''`` is h in two bf16 numbers, so it loses no bits), and a row times a
-    member is ``-|q - m|^2/2 + (|x_q|^2 + |x_m|^2)/2 - 1``, which is at least ``floor`` when
-    ``x_q . x_m`` reaches the threshold (``_bound``: the float16 unit vectors' norms are not
-    quite 1), plus, in bf16, the most that rounding can take off it:
-    ``a |q| |m| + b (|h_q| + |h_m|) + c`` (a rank-3 term, so the GEMM adds it). Rounding the
-    inputs to bf16 moves ``q.m`` by at most ``(2u + u^2)|q||m|`` and each split h by ``u^2
-    h``; float32 accumulation adds ``_ACC`` of the magnitudes; the result's own rounding
-    moves it by ``u`` of itself, ``u |floor|`` near the floor; 10% on top covers the rounding
-    of the slack columns themselves (~3u of them). In float32 the slack columns stay 0."""
-    import torch
-
-    n, width = len(vectors), proj.shape[1]
-    ops = torch.empty((n, width + 8), dtype=torch.bfloat16 if bf16 else torch.float32)
-    ops[:, width + 3 :] = 0
-    coarse = np.empty((n, REDUCED_DIM), np.float32)
-    proj_t, offset_t = torch.from_numpy(proj * np.float32(scale)), torch.from_numpy(offset)
-    chunk = torch.empty((min(n, _SEARCH_CHUNK), width), dtype=torch.float32)
-    for start, stop in _chunks(n, _SEARCH_CHUNK):
-        p = chunk[: stop - start]
-        x = _as_tensor(vectors[start:stop]).float()
-        torch.matmul(x, proj_t, out=p)  # (scale x) P = x (scale P)
-        p -= offset_t
-        h = 0.5 * torch.linalg.vecdot(p, p, dim=1)
-        excess = 0.5 * (scale * scale * torch.linalg.vector_norm(x, dim=1).square() - 1)  # 9x einsum's speed
-        coarse[start:stop] = p[:, :REDUCED_DIM].numpy()
-        rows = ops[start:stop]
-        rows[:, :width] = p
-        rows[:, width : width + 2] = 1
-        rows[:, width + 2] = excess - h
-        rows[:, width + 3] = (excess - h - rows[:, width + 2].float()) if bf16 else 0  # what bf16 dropped
-        if bf16:
-            rows[:, width + 4] = torch.sqrt(2 * h)
-            rows[:, width + 5] = (h - excess).abs()
-            rows[:, width + 6] = 1
-    return ops, coarse
-
-
-def _cell_operands(ops, members_t, member_start: np.ndarray, cell: int, floor: float, bf16: bool):
-    """The members of cells ``cell, cell + 1, ...`` (up to ``_OPERAND_ROWS`` rows, at least
-    one cell) as right sides of the product (see ``_join_operands``), stacked: cell
-    ``cell + c``'s rows are ``[at[c], at[c + 1])``. In bf16 each cell is padded to a multiple
-    of ``_BF16_PAD`` rows that score -1e4 against any row. Built for many cells at once:
-    per cell, the ~20 small tensor operations cost more than their arithmetic (280 cells at
-    20k rows: 0.057 s)."""
-    import torch
-
-    nlist = len(member_start) - 1
-    stop = int(np.searchsorted(member_start, member_start[cell] + _OPERAND_ROWS, side="right")) - 1
-    stop = min(nlist, max(stop, cell + 1))
-    sizes = np.diff(member_start[cell : stop + 1])
-    padded = -(-sizes // _BF16_PAD) * _BF16_PAD if bf16 else sizes
-    at = np.r_[0, np.cumsum(padded)]
-    width = ops.shape[1] - 8
-    m = torch.index_select(ops, 0, members_t[member_start[cell] : member_start[stop]])
-    m[:, width : width + 4] = m[:, [width + 2, width + 3, width, width + 1]]
-    if bf16:
-        u = _BF16_U
-        grow = 1.1 * (1 + u)
-        # each member's norm and h, from their bf16 copies (which may have rounded down)
-        norm, half = m[:, width + 4].float() * (1 + u), m[:, width + 5].float() * (1 + u)
-        m[:, width + 4] = grow * (2 * u + u * u + _ACC) * norm
-        m[:, width + 5] = grow * (u * u + _ACC)
-        m[:, width + 6] = grow * (u * u + _ACC) * half + 1.1 * u * -floor
-    if not bf16:
-        return m, at
-    out = torch.zeros((int(at[-1]), ops.shape[1]), dtype=ops.dtype)
-    dest = np.arange(len(m)) + np.repeat(at[:-1] - np.r_[0, np.cumsum(sizes)][:-1], sizes)
-    out.index_copy_(0, torch.from_numpy(dest), m)
-    pad = np.ones(len(out), bool)
-    pad[dest] = False
-    out[torch.from_numpy(np.flatnonzero(pad)), width] = -1e4
-    return out, at
-
-
-def _nearest_k(score, qi, a, b, counts, k):
-    """Of the candidate (a, b) pairs of block rows ``qi`` (``score`` grows as the distance
-    shrinks), keep at most the ``k`` nearest per block row."""
-    order = np.lexsort((-score, qi))  # by row, then nearest first
-    starts = np.r_[0, np.cumsum(counts)][qi[order]]
-    rank = np.arange(len(order)) - starts
-    keep = order[rank < k]
-    return qi[keep], a[keep], b[keep]
-
-
-def _by_cell(cells: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions sorted by cell, start offset of each cell) for ``cells`` (ints in [0, nlist)).
-    As uint16 where they fit, numpy's stable sort is a radix sort: 1.6M probes 0.10 -> 0.02 s."""
-    if nlist <= 1 << 16:
-        cells = cells.astype(np.uint16)
-    order = np.argsort(cells, kind="stable")
-    return order, np.searchsorted(cells[order], np.arange(nlist + 1))
 
 
 def pair_sq_distances(points: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
