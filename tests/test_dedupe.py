@@ -460,3 +460,52 @@ def test_the_decisions_do_not_depend_on_the_batch_size(tmp_path):
         {k: v["similarity"] for k, v in rejects_big.items()}, abs=1e-6
     )
     assert {"exact-of-0", "swap-of-1", "para-of-3"} <= set(rejects_small)
+
+
+def _many(n: int = 5_600) -> list[dict]:
+    """``n`` distinct real pairs (HH-RLHF prompts with other rows' answers) and, at the end,
+    copies of a few of them: enough rows for the IVF join (over ``CPU_EXACT_MAX_ROWS``)."""
+    hh = _hh(2_000)
+    rows = []
+    for k in range(n):
+        a, b = k % len(hh), k // len(hh)  # each prompt b+1 times, with other answers each time
+        rows.append(
+            {
+                "id": f"m{k}",
+                "prompt": hh[a]["prompt"],
+                "chosen": hh[(a + 1 + 37 * b) % len(hh)]["chosen"],
+                "rejected": hh[(a + 5 + 101 * b) % len(hh)]["rejected"],
+            }
+        )
+    for k in (10, 2_500, 5_000):  # late and early originals, paraphrased at the end
+        rows.append({"id": f"para-of-m{k}", **{f: _paraphrase(rows[k][f]) for f in ("prompt", "chosen", "rejected")}})
+    rows.append({**rows[42], "id": "exact-of-m42", "chosen": rows[42]["chosen"].upper()})
+    rows.append({**rows[3], "id": "swap-of-m3", "chosen": rows[3]["rejected"], "rejected": rows[3]["chosen"]})
+    return rows
+
+
+def test_the_join_operands_are_built_during_the_exact_pass(tmp_path):
+    """Past the exact-search size the search is the CPU IVF join, whose operands the exact
+    pass's helper builds as the rows are embedded: the decisions are those of exact search
+    on the same rows, and they do not depend on the batch size (which moves every unit's
+    bounds, and so which thread fills which rows)."""
+    rows = _many()
+    # --drop-conflicts also removes m3, embedded early: every later row's vectors and
+    # operands move up a slot before the search
+    ahead, kept, rejects = _run(tmp_path, rows, "ahead", drop_conflicts=True)
+    assert "operands built ahead" in ahead.extra["index_detail"]
+    built = ahead.extra["read_ahead"]["join_tasks"]
+    assert built["helper"] + built["stage"] >= 2
+    _, kept_small, rejects_small = _run(tmp_path, rows, "small", drop_conflicts=True, batch_size=700)
+    flat, kept_flat, rejects_flat = _run(tmp_path, rows, "flat", drop_conflicts=True, index="flat")
+    assert flat.extra["index"] == "flat" and "join_tasks" in flat.extra["read_ahead"]
+
+    def summary(rej):
+        return {k: (v["reject_reason"], v["duplicate_of"]) for k, v in rej.items()}
+
+    assert kept == kept_small == kept_flat
+    assert summary(rejects) == summary(rejects_small) == summary(rejects_flat)
+    assert {"para-of-m10", "para-of-m2500", "para-of-m5000", "exact-of-m42", "m3", "swap-of-m3"} <= set(rejects)
+    assert {k: v["similarity"] for k, v in rejects.items()} == pytest.approx(
+        {k: v["similarity"] for k, v in rejects_flat.items()}, abs=1e-6
+    )

@@ -210,3 +210,81 @@ def test_a_caller_that_waits_inside_a_busy_section_lets_the_helper_finish(tmp_pa
     consumer.join(timeout=30)
     assert not consumer.is_alive(), "the caller waited for a helper held at the shut gate"
     _same(got, _expected(batches))
+
+
+def _side_tasks(done: list, n: int, steps: int = 3):
+    """``n`` side tasks of ``steps`` steps each; each records (task, thread) when it ends."""
+
+    def task(k: int):
+        for _ in range(steps):
+            yield
+        done.append((k, threading.get_ident()))
+
+    return [lambda k=k: task(k) for k in range(n)]
+
+
+def test_side_tasks_wait_for_the_units_and_run_on_the_helper_while_the_gate_is_open(tmp_path):
+    batches = _batches(tmp_path)
+    done: list = []
+    ahead = ReadAhead(iter(batches), OPTIONS, True, True, IdleGate(), slice_rows=7)
+    try:
+        for task in _side_tasks(done, 5):
+            ahead.submit(task)
+        deadline = time.monotonic() + 20
+        while len(done) < 5:  # the caller takes no unit: the helper reads one, hashes it, then side work
+            assert time.monotonic() < deadline, done
+            time.sleep(0.005)
+        assert ahead.helper_reads == 1  # the unit came first, and no further than depth 1
+        got = list(ahead)
+        ahead.drain()
+    finally:
+        ahead.close()
+    _same(got, _expected(batches))
+    assert [k for k, _ in done] == list(range(5))  # in the order submitted
+    assert {t for _, t in done} == {ahead._thread.ident}
+    assert (ahead.helper_side, ahead.caller_side) == (5, 0)
+
+
+def test_drain_runs_the_side_tasks_a_shut_gate_held_back(tmp_path):
+    batches = _batches(tmp_path)
+    done: list = []
+    gate = IdleGate()
+    with gate.busy():  # the encoder holds every core: the helper starts nothing
+        ahead = ReadAhead(iter(batches), OPTIONS, True, True, gate, slice_rows=7)
+        try:
+            for task in _side_tasks(done, 4):
+                ahead.submit(task)
+            time.sleep(0.2)
+            assert done == []
+            list(ahead)
+            ahead.drain()
+        finally:
+            ahead.close()
+    assert sorted(k for k, _ in done) == list(range(4))
+    assert ahead.caller_side + ahead.helper_side == 4 and ahead.caller_side >= 1
+
+
+def test_a_side_task_error_is_raised_by_drain_and_close_drops_what_is_left(tmp_path):
+    batches = _batches(tmp_path)
+
+    def broken():
+        yield
+        raise ValueError("operands of rows 0-1024")
+
+    ahead = ReadAhead(iter(batches), OPTIONS, True, True, IdleGate())
+    try:
+        list(ahead)
+        ahead.submit(broken)
+        with pytest.raises(ValueError, match="rows 0-1024"):
+            ahead.drain()
+    finally:
+        ahead.close()
+
+    done: list = []
+    gate = IdleGate()
+    with gate.busy():
+        ahead = ReadAhead(iter(batches), OPTIONS, True, True, gate)
+        for task in _side_tasks(done, 3):
+            ahead.submit(task)
+        ahead.close()  # ends the helper at the shut gate; the side work is dropped, not run
+    assert done == []

@@ -21,6 +21,7 @@ reading, and on an input larger than the page cache a second read is a second tr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
+from prefcurate.backends.embed import serial_torch
 from prefcurate.errors import ConfigError
 from prefcurate.shards import files_fingerprint
 from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, split
@@ -236,29 +238,42 @@ def _first_pass(
     else:  # nothing to embed, no gaps to fit in: whole batches, hashed by both threads in halves
         units = source.batches(columns, cfg.batch_size)
         ahead = ReadAhead(units, cfg.normalize, cfg.swapped, bool(eval_index), slice_rows=-(-cfg.batch_size // 2))
+    # A static model on CPU runs no torch: the pass's torch work (copies, casts, the join's
+    # operands) runs on one thread, so that it neither fights the tokenizer's threads for the
+    # cores nor gives other bits depending on which thread did it (``serial_torch``).
+    serial = serial_torch() if vectors is not None and vectors.static_cpu else contextlib.nullcontext()
     try:
-        start = 0
-        for batch, pk, prepared in ahead:
-            keys.ids.append(batch.column("id").cast(pa.string()))
-            keys.groups.append(pk.group)
-            keys.orientation.append(pk.orientation)
-            keys.tie.append(batch.column("tie").fill_null(False).to_numpy(zero_copy_only=False))
-            if cfg.keep == "longest":
-                keys.lengths.append(row_lengths(batch))
-            if cfg.keep == "highest-margin":
-                keys.margins.append(batch.column("margin_mean").cast(pa.float64()).fill_null(np.nan).to_numpy())
-            hits = [next((eval_index[h] for h in hs if h in eval_index), -1) for hs in pk.prompt_hashes]
-            keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
-            keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
+        with serial:
+            start = 0
+            for batch, pk, prepared in ahead:
+                keys.ids.append(batch.column("id").cast(pa.string()))
+                keys.groups.append(pk.group)
+                keys.orientation.append(pk.orientation)
+                keys.tie.append(batch.column("tie").fill_null(False).to_numpy(zero_copy_only=False))
+                if cfg.keep == "longest":
+                    keys.lengths.append(row_lengths(batch))
+                if cfg.keep == "highest-margin":
+                    keys.margins.append(batch.column("margin_mean").cast(pa.float64()).fill_null(np.nan).to_numpy())
+                hits = [next((eval_index[h] for h in hs if h in eval_index), -1) for hs in pk.prompt_hashes]
+                keys.contaminated_ref.append(np.array(hits or np.full(batch.num_rows, -1), np.int64))
+                keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
+                if vectors is not None:
+                    vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only, prepared)
+                    for side in vectors.take_tasks():  # the join's operands of the rows just embedded
+                        ahead.submit(side)
+                start += batch.num_rows
+                task.advance(batch.num_rows)
             if vectors is not None:
-                vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only, prepared)
-            start += batch.num_rows
-            task.advance(batch.num_rows)
+                vectors.end_pass()
+                for side in vectors.take_tasks():
+                    ahead.submit(side)
+                ahead.drain()
     finally:
         ahead.close()
     ctx.extra["read_ahead"] = {
         "units_read": {"helper": ahead.helper_reads, "stage": ahead.caller_reads},
         "tasks": {"helper": ahead.helper_tasks, "stage": ahead.caller_tasks},
+        "join_tasks": {"helper": ahead.helper_side, "stage": ahead.caller_side},
     }
     return _State(keys, cfg)
 

@@ -25,6 +25,11 @@ transformer on CPU whose forward pass is one long section): when the stage gets 
 it runs the tasks the helper has not started itself, alongside it, so the work is done
 on two threads as before. Without an encoder (exact-only dedupe) there is no gate, and
 the two threads simply share each batch.
+
+Side tasks (``submit``) are work for after the pass that can be done as the rows go by: the
+near-duplicate join's operands (``ivf_join.JoinOperands``), a unit's rows at a time once they
+are embedded. The helper takes them when it has no unit to read or hash, still only while
+the gate is open; ``drain`` at the end of the pass runs the rest on both threads.
 """
 
 from __future__ import annotations
@@ -120,10 +125,14 @@ class ReadAhead:
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()  # read, not yet handed out
         self._todo: deque[tuple[_Job, int]] = deque()  # tasks no one has started
+        self._side: deque[Callable[[], Steps]] = deque()  # side tasks no one has started
+        self._side_running = 0
+        self._side_error: BaseException | None = None
         self._reading = self._exhausted = self._closed = False
         self._read_error: BaseException | None = None
         self._rows_read = 0
         self.helper_tasks = self.caller_tasks = self.helper_reads = self.caller_reads = 0
+        self.helper_side = self.caller_side = 0
         self._thread = threading.Thread(target=self._run, name="prefcurate-read-ahead", daemon=True)
         self._thread.start()
 
@@ -134,10 +143,36 @@ class ReadAhead:
             keys = PairKeys.concat(job.results[: job.slices])
             yield job.batch, keys, (job.results[-1] if self._prepare is not None else None)
 
+    def submit(self, task: Callable[[], Steps]) -> None:
+        """Run ``task``'s steps on the helper when it has no unit work left (in the order
+        submitted); ``drain`` runs what it has not started."""
+        with self._cond:
+            self._side.append(task)
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Run the side tasks the helper has not started, on this thread, while the helper
+        takes others; wait for the ones it has; raise the first side task's error."""
+        while True:
+            with self._cond:
+                if self._side:
+                    task = self._side.popleft()
+                    self._side_running += 1
+                elif self._side_running:
+                    self._wait()
+                    continue
+                else:
+                    break
+            self._run_side(task, gated=False)
+            self.caller_side += 1
+        if self._side_error is not None:
+            raise self._side_error
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._todo.clear()
+            self._side.clear()
             self._cond.notify_all()
         if self._gate is not None:
             self._gate.open()  # a helper waiting at the gate sees that it is closed
@@ -194,14 +229,22 @@ class ReadAhead:
             if self._gate is not None:
                 self._gate.wait()  # before taking anything: a shut gate holds nothing up
             with self._cond:
-                while not self._closed and not self._todo and not self._may_read():
+                while not self._closed and not self._todo and not self._may_read() and not self._side:
                     self._cond.wait()
                 if self._closed:
                     return
+                side = None
                 if self._todo:
                     job, k = self._todo.popleft()
-                else:
+                elif self._may_read():
                     self._reading, job = True, None
+                else:  # nothing to read or hash for now: work for after the pass
+                    side, job = self._side.popleft(), None
+                    self._side_running += 1
+            if side is not None:
+                self._run_side(side, gated=True)
+                self.helper_side += 1
+                continue
             if job is not None:
                 self._run_task(job, k, gated=True)
                 self.helper_tasks += 1
@@ -235,6 +278,17 @@ class ReadAhead:
             self._todo.extend((job, k) for k in range(len(job.tasks)))
             self._cond.notify_all()
         return job
+
+    def _run_side(self, task: Callable[[], Steps], gated: bool) -> None:
+        try:
+            run_steps(task(), self._gate.wait if gated and self._gate is not None else None)
+        except BaseException as exc:  # re-raised by drain(), in the stage's thread
+            with self._cond:
+                self._side_error = self._side_error or exc
+        finally:
+            with self._cond:
+                self._side_running -= 1
+                self._cond.notify_all()
 
     def _run_task(self, job: _Job, k: int, gated: bool) -> None:
         result, error = None, None

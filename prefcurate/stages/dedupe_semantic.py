@@ -49,7 +49,7 @@ def semantic_pass(
     from prefcurate.stages.dedupe import mark_contaminated
 
     cand = np.flatnonzero(decisions.reason == KEEP)
-    vectors, prompt_vecs = row_vectors.finish(cand, source, cfg.batch_size)
+    vectors, prompt_vecs, operands = row_vectors.finish(cand, source, cfg.batch_size)
     embedder = row_vectors.embedder
     threshold, part_threshold = default_thresholds(embedder.name)
     threshold = cfg.threshold or threshold
@@ -66,8 +66,9 @@ def semantic_pass(
         mark_contaminated(decisions, labels, rows, ref, sim)
         cand = cand[~hit]
         vectors = vectors[~hit] if vectors is not None else None
+        operands = operands.take(~hit) if operands is not None and hit.any() else operands
     if cfg.semantic:
-        _near_duplicates(cfg, ctx, decisions, prio, cand, vectors, threshold, part_threshold)
+        _near_duplicates(cfg, ctx, decisions, prio, cand, vectors, threshold, part_threshold, operands)
     ctx.extra["encode_seconds"] = round(embedder.stats.encode_seconds, 3)
     ctx.extra["model_seconds"] = round(embedder.stats.model_seconds, 3)
     ctx.extra["texts"] = {
@@ -103,15 +104,26 @@ def _parts_agree(parts: np.ndarray, i: np.ndarray, j: np.ndarray, n_parts: int, 
 
 
 def _near_duplicates(
-    cfg, ctx, decisions: Decisions, prio, cand: np.ndarray, vectors: np.ndarray, threshold: float, part_threshold: float
+    cfg,
+    ctx,
+    decisions: Decisions,
+    prio,
+    cand: np.ndarray,
+    vectors: np.ndarray,
+    threshold: float,
+    part_threshold: float,
+    operands=None,
 ):
-    """``vectors``: each candidate's unit part vectors side by side (``RowVectors.finish``)."""
+    """``vectors``: each candidate's unit part vectors side by side (``RowVectors.finish``);
+    ``operands``: their CPU join operands, built during the exact pass, or None."""
     from prefcurate.backends.index import connected_components, pair_cosines, similar_pairs
 
     task = ctx.progress.task("dedupe: neighbours", total=len(cand))
     started = time.perf_counter()
     n_parts = len(PARTS[cfg.on])
-    i, j, _, info = similar_pairs(vectors, threshold, cfg.neighbors, cfg.device, cfg.index, task, scale=n_parts**-0.5)
+    i, j, _, info = similar_pairs(
+        vectors, threshold, cfg.neighbors, cfg.device, cfg.index, task, scale=n_parts**-0.5, operands=operands
+    )
     if n_parts > 1 and part_threshold > 0:
         i, j = _parts_agree(vectors, i, j, n_parts, part_threshold)
         ctx.extra["part_threshold"] = part_threshold

@@ -49,8 +49,10 @@ the same bits.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -61,12 +63,20 @@ from prefcurate.backends.embed import (
     get_embedder,
     loads_quietly,
     prepare_steps,
+    resolve_model,
     serial_torch,
 )
 from prefcurate.stages.base import StageContext, StageInput
 from prefcurate.stages.dedupe_ahead import IdleGate
 from prefcurate.stages.dedupe_keys import part_columns, render_column
-from prefcurate.steps import Steps
+from prefcurate.steps import Steps, run_steps
+
+if TYPE_CHECKING:
+    from prefcurate.backends.ivf_join import JoinOperands
+
+_FIT_ROWS = 4096  # rows embedded before the join's basis is fitted on them (``index._PCA_SAMPLE``)
+_JOIN_CHUNK = 1024  # the join's operands are filled this many rows at a time (a few ms on one thread)
+_HOLD_OUT = 1024  # of those, held out of the fit to measure the basis on (``JoinOperands.fits``)
 
 
 class RowVectors:
@@ -88,6 +98,14 @@ class RowVectors:
         quiet = loads_quietly(cfg.model, cfg.device, ctx.cache_dir)
         self._loading = _Background(get_embedder, cfg.model, cfg.device, ctx.cache_dir, thread=quiet)
         self._task = ctx.progress.task("dedupe: embedding", total=n_rows * len(self.names), unit="texts")
+        # A static model on CPU: no torch inside the model, so the pass runs torch on one thread
+        # (``serial_torch``), and gaps for the helper to build the join's operands in.
+        self.static_cpu = resolve_model(cfg.model, cfg.device) == ("static", "cpu")
+        self._join_ahead = self.static_cpu and bool(parts) and _join_expected(cfg.index, n_rows)
+        self._join: JoinOperands | None = None
+        self._join_next = 0  # slots handed to join tasks so far
+        self._fit_lock = threading.Lock()
+        self._tasks: list[functools.partial] = []
 
     @property
     def embedder(self) -> Embedder:
@@ -124,6 +142,44 @@ class RowVectors:
         if len(rows):
             self._encode(batch, rows, prepared)
             self._slot_rows.append(rows + start)
+            self._queue_join()
+
+    # -- the join's operands, built as the rows are embedded ----------------------------------
+    def take_tasks(self) -> list[functools.partial]:
+        """Work made by the last ``feed`` (or ``end_pass``) for the exact pass's helper
+        (``ReadAhead.submit``): each a step generator, building the near-duplicate join's
+        operands of a range of embedded rows (``ivf_join.JoinOperands``)."""
+        tasks, self._tasks = self._tasks, []
+        return tasks
+
+    def end_pass(self) -> None:
+        """The exact pass has fed its last batch: the last rows' join task (``take_tasks``)."""
+        self._queue_join(final=True)
+
+    def _queue_join(self, final: bool = False) -> None:
+        """A task for the whole ``_JOIN_CHUNK``-row chunks of slots filled since the last one
+        (``final``: the rest too). The basis is fitted on the first ``_FIT_ROWS`` slots, and
+        every chunk starts at a multiple of ``_JOIN_CHUNK``: what is computed does not depend
+        on the batch size, nor on which thread runs which task (torch runs on one thread
+        meanwhile, ``serial_torch``), so neither can change a decision."""
+        if self._join is None or (self._slots < _FIT_ROWS and not final):
+            return
+        hi = self._slots if final else self._slots - self._slots % _JOIN_CHUNK
+        if hi > self._join_next:
+            self._tasks.append(functools.partial(self._join_steps, self._join_next, hi))
+            self._join_next = hi
+
+    def _join_steps(self, lo: int, hi: int) -> Steps[None]:
+        from prefcurate.backends.ivf_join import fit_projection
+
+        join, width, scale = self._join, self.n_parts * self.embedder.dim, self.n_parts**-0.5
+        assert join is not None and self.matrix is not None
+        with self._fit_lock:  # the first task fits the basis; a task run beside it waits
+            if join.projection is None:
+                rows = self.matrix[: min(self._slots, _FIT_ROWS), :width]
+                join.projection = fit_projection(rows, scale, hold_out=_HOLD_OUT)
+        yield
+        yield from join.fill_steps(self.matrix[lo:hi, :width], lo, chunk=_JOIN_CHUNK)
 
     def prepare_steps(self, batch: pa.RecordBatch, start: int) -> Steps[dict[str, PreparedTexts]]:
         """Each part column of ``batch`` (global rows from ``start``) rendered and prepared for
@@ -168,6 +224,14 @@ class RowVectors:
         dim = embedder.dim
         if self.matrix is None:  # a slot per input row at most: provisional + re-read rows <= rows
             self.matrix = np.empty((max(1, self.n_rows), len(self.names) * dim), np.float16)
+            if self._join_ahead:
+                from prefcurate.backends.index import FILTER_DIM, REDUCED_DIM, join_precision
+                from prefcurate.backends.ivf_join import JoinOperands
+
+                width = self.n_parts * dim
+                if width > REDUCED_DIM:  # the join's own condition (``index.similar_pairs``)
+                    bf16 = join_precision() == "bf16"
+                    self._join = JoinOperands(self.matrix.shape[0], min(width, FILTER_DIM), bf16)
         columns = prepared or dict(zip(self.names, part_columns(batch, self.names), strict=True))
         which = None if count == batch.num_rows else rows
         for k, name in enumerate(self.names):
@@ -181,10 +245,11 @@ class RowVectors:
     # -- after the exact pass --------------------------------------------------------------
     def finish(
         self, cand: np.ndarray, source: StageInput, batch_rows: int
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(row vectors, unit prompt vectors or None), one row per ``cand`` (sorted global
-        rows). The row vectors are float16, their parts' unit vectors side by side: times
-        1/sqrt(#parts) they are the row vectors of the search (a view of the matrix, no copy)."""
+    ) -> tuple[np.ndarray | None, np.ndarray | None, JoinOperands | None]:
+        """(row vectors, unit prompt vectors or None, the join's operands or None), one row
+        per ``cand`` (sorted global rows). The row vectors are float16, their parts' unit
+        vectors side by side: times 1/sqrt(#parts) they are the row vectors of the search (a
+        view of the matrix, no copy). The exact pass must have drained its join tasks."""
         embedder = self.embedder
         filled = np.concatenate(self._slot_rows) if self._slot_rows else np.zeros(0, np.int64)
         at = np.minimum(np.searchsorted(filled, cand), max(0, len(filled) - 1))
@@ -194,18 +259,21 @@ class RowVectors:
         src[have] = at[have]
         src[~have] = self._slots + np.arange(len(missing))
         self._reread(missing, source, batch_rows)
+        self._queue_join(final=True)
+        for task in self.take_tasks():  # the re-read rows' operands (few): here and now
+            run_steps(task())
         self._task.set_total(self._slots * len(self.names))
         # hashing and embedding are one pass now: their wall time together, the model load included
         self._ctx.extra["hash_and_embed_seconds"] = round(time.perf_counter() - self._started, 3)
-        matrix = self._in_order(src)
+        matrix, join = self._in_order(src)
         dim = embedder.dim
         prompt = None
         if self.need_prompt:
             k = self.names.index("prompt")
             prompt = matrix[:, k * dim : (k + 1) * dim].astype(np.float32)
         if not self.n_parts:
-            return None, prompt
-        return matrix[:, : self.n_parts * dim], prompt
+            return None, prompt, None
+        return matrix[:, : self.n_parts * dim], prompt, join
 
     def _reread(self, rows: np.ndarray, source: StageInput, batch_rows: int) -> None:
         """Embed ``rows`` (sorted global rows), into the slots after the fed ones."""
@@ -219,20 +287,33 @@ class RowVectors:
                 self._encode(batch, rows[lo:hi] - start)
             start = stop
 
-    def _in_order(self, src: np.ndarray) -> np.ndarray:
-        """The matrix rows ``src`` in that order. When the order is the slots' own order with
-        rows left out (no re-read rows), rows move forward in place, chunk by chunk (a target
-        row is never after its source, so no source is overwritten before it is read): no
-        second matrix, which at 1M rows would be another 1.5 GB."""
+    def _in_order(self, src: np.ndarray) -> tuple[np.ndarray, JoinOperands | None]:
+        """The matrix rows ``src`` in that order, and the join's operands of those rows. When
+        the order is the slots' own order with rows left out (no re-read rows), rows move
+        forward in place, chunk by chunk (a target row is never after its source, so no
+        source is overwritten before it is read): no second matrix, which at 1M rows would
+        be another 1.5 GB."""
+        import torch
+
+        join = self._join
         if self.matrix is None:
-            return np.zeros((len(src), len(self.names) * self.embedder.dim), np.float16)
+            return np.zeros((len(src), len(self.names) * self.embedder.dim), np.float16), None
         if len(src) and np.all(src[1:] > src[:-1]):
             for lo in range(0, len(src), 8192):
                 part = src[lo : lo + 8192]
                 if part[0] != lo or part[-1] != lo + len(part) - 1:  # nothing to move where slots match
                     self.matrix[lo : lo + len(part)] = self.matrix[part]
-            return self.matrix[: len(src)]
-        return self.matrix[src]
+                    if join is not None:
+                        join.table[lo : lo + len(part)] = join.table.index_select(0, torch.from_numpy(part))
+            return self.matrix[: len(src)], join.head(len(src)) if join is not None else None
+        return self.matrix[src], join.take(src) if join is not None else None
+
+
+def _join_expected(index: str, n_rows: int) -> bool:
+    """Whether the near-duplicate search of ``n_rows`` rows may take the CPU IVF join."""
+    from prefcurate.backends.index import CPU_EXACT_MAX_ROWS
+
+    return index == "ivf" or (index == "auto" and n_rows > CPU_EXACT_MAX_ROWS)
 
 
 class _Background:
