@@ -125,7 +125,7 @@ class ReadAhead:
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()  # read, not yet handed out
         self._todo: deque[tuple[_Job, int]] = deque()  # tasks no one has started
-        self._side: deque[Callable[[], Steps]] = deque()  # side tasks no one has started
+        self._side: deque[Steps] = deque()  # side tasks no thread is running a step of now
         self._side_running = 0
         self._side_error: BaseException | None = None
         self._reading = self._exhausted = self._closed = False
@@ -144,27 +144,27 @@ class ReadAhead:
             yield job.batch, keys, (job.results[-1] if self._prepare is not None else None)
 
     def submit(self, task: Callable[[], Steps]) -> None:
-        """Run ``task``'s steps on the helper when it has no unit work left (in the order
-        submitted); ``drain`` runs what it has not started."""
+        """Run ``task``'s steps on the helper when it has no unit work (in the order
+        submitted); ``drain`` runs what is left."""
         with self._cond:
-            self._side.append(task)
+            self._side.append(task())
             self._cond.notify_all()
 
     def drain(self) -> None:
-        """Run the side tasks the helper has not started, on this thread, while the helper
-        takes others; wait for the ones it has; raise the first side task's error."""
+        """Run the side tasks the helper has not finished, on this thread, while the helper
+        takes others; wait for the steps it is running; raise the first side task's error."""
         while True:
             with self._cond:
                 if self._side:
-                    task = self._side.popleft()
+                    steps = self._side.popleft()
                     self._side_running += 1
                 elif self._side_running:
                     self._wait()
                     continue
                 else:
                     break
-            self._run_side(task, gated=False)
-            self.caller_side += 1
+            if self._run_side(steps, one_step=False):
+                self.caller_side += 1
         if self._side_error is not None:
             raise self._side_error
 
@@ -241,9 +241,11 @@ class ReadAhead:
                 else:  # nothing to read or hash for now: work for after the pass
                     side, job = self._side.popleft(), None
                     self._side_running += 1
-            if side is not None:
-                self._run_side(side, gated=True)
-                self.helper_side += 1
+            if side is not None:  # one step, then back to the queue: unit work comes first
+                if self._gate is not None:
+                    self._gate.wait()
+                if self._run_side(side, one_step=True):
+                    self.helper_side += 1
                 continue
             if job is not None:
                 self._run_task(job, k, gated=True)
@@ -279,16 +281,27 @@ class ReadAhead:
             self._cond.notify_all()
         return job
 
-    def _run_side(self, task: Callable[[], Steps], gated: bool) -> None:
+    def _run_side(self, steps: Steps, one_step: bool) -> bool:
+        """Run a side task's next step (``one_step``) or all its steps; True when it ended.
+        A task with steps left goes back to the front of the queue."""
+        ended = True
         try:
-            run_steps(task(), self._gate.wait if gated and self._gate is not None else None)
+            if one_step:
+                next(steps)
+                ended = False
+            else:
+                run_steps(steps)
+        except StopIteration:
+            pass
         except BaseException as exc:  # re-raised by drain(), in the stage's thread
             with self._cond:
                 self._side_error = self._side_error or exc
-        finally:
-            with self._cond:
-                self._side_running -= 1
-                self._cond.notify_all()
+        with self._cond:
+            if not ended:
+                self._side.appendleft(steps)
+            self._side_running -= 1
+            self._cond.notify_all()
+        return ended
 
     def _run_task(self, job: _Job, k: int, gated: bool) -> None:
         result, error = None, None
