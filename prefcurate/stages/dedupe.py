@@ -12,7 +12,8 @@ A global stage in two passes over the input, each reading only what it needs:
    256 tokens), and a prompt shared by many pairs is embedded once. FAISS then finds
    neighbours >= threshold; connected components of that graph are clusters. Each unit of
    rows is read and hashed on a helper thread in the gaps the CPU encoder leaves while the
-   unit before it is embedded (``dedupe_ahead``).
+   unit before it is embedded (``dedupe_ahead``), and in the gaps left after that, the same
+   helper builds the search's operands of the rows embedded so far (``dedupe_vectors``).
 2. the whole rows, streamed and split into data/ and rejects/ by the decisions.
 
 Why one pass for keys and texts instead of a pass each: the texts are what dominates the
