@@ -477,13 +477,14 @@ def _many(n: int = 5_600) -> list[dict]:
                 "rejected": hh[(a + 5 + 101 * b) % len(hh)]["rejected"],
             }
         )
+    rows.append({**rows[42], "id": "exact-of-m42", "chosen": rows[42]["chosen"].upper() + "   "})
     for k in (10, 2_500, 5_000):  # late and early originals, paraphrased at the end
         rows.append({"id": f"para-of-m{k}", **{f: _paraphrase(rows[k][f]) for f in ("prompt", "chosen", "rejected")}})
-    rows.append({**rows[42], "id": "exact-of-m42", "chosen": rows[42]["chosen"].upper()})
     rows.append({**rows[3], "id": "swap-of-m3", "chosen": rows[3]["rejected"], "rejected": rows[3]["chosen"]})
     return rows
 
 
+@pytest.mark.slow
 def test_the_join_operands_are_built_during_the_exact_pass(tmp_path):
     """Past the exact-search size the search is the CPU IVF join, whose operands the exact
     pass's helper builds as the rows are embedded: the decisions are those of exact search
@@ -509,3 +510,9 @@ def test_the_join_operands_are_built_during_the_exact_pass(tmp_path):
     assert {k: v["similarity"] for k, v in rejects.items()} == pytest.approx(
         {k: v["similarity"] for k, v in rejects_flat.items()}, abs=1e-6
     )
+    # --keep longest keeps the later, longer copy of m42: embedded after the pass, in a slot
+    # after rows that follow it in the input, its operands built then and taken out of order
+    _, kept_long, rejects_long = _run(tmp_path, rows, "long", keep="longest")
+    _, kept_long_flat, rejects_long_flat = _run(tmp_path, rows, "long-flat", keep="longest", index="flat")
+    assert kept_long == kept_long_flat and summary(rejects_long) == summary(rejects_long_flat)
+    assert "exact-of-m42" in kept_long and "m42" in rejects_long  # the copy has trailing blanks: longer
