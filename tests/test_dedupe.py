@@ -486,18 +486,22 @@ def _many(n: int = 5_600) -> list[dict]:
 
 @pytest.mark.slow
 def test_the_join_operands_are_built_during_the_exact_pass(tmp_path):
-    """Past the exact-search size the search is the CPU IVF join, whose operands the exact
-    pass's helper builds as the rows are embedded: the decisions are those of exact search
-    on the same rows, and they do not depend on the batch size (which moves every unit's
-    bounds, and so which thread fills which rows)."""
+    """With the CPU IVF join (forced here; by default from 50k rows), the exact pass's helper
+    builds the join's operands as the rows are embedded: the decisions are those of exact
+    search on the same rows, and they do not depend on the batch size (which moves every
+    unit's bounds, and so which thread fills which rows). Below 50k rows, ``auto`` takes
+    the join without building its operands ahead."""
     rows = _many()
     # --drop-conflicts also removes m3, embedded early: every later row's vectors and
     # operands move up a slot before the search
-    ahead, kept, rejects = _run(tmp_path, rows, "ahead", drop_conflicts=True)
+    ahead, kept, rejects = _run(tmp_path, rows, "ahead", drop_conflicts=True, index="ivf")
     assert "operands built ahead" in ahead.extra["index_detail"]
     built = ahead.extra["read_ahead"]["join_tasks"]
     assert built["helper"] + built["stage"] >= 2
-    _, kept_small, rejects_small = _run(tmp_path, rows, "small", drop_conflicts=True, batch_size=700)
+    _, kept_small, rejects_small = _run(tmp_path, rows, "small", drop_conflicts=True, batch_size=700, index="ivf")
+    auto, kept_auto, rejects_auto = _run(tmp_path, rows, "auto", drop_conflicts=True)
+    assert auto.extra["index_detail"].startswith("IVF join") and "ahead" not in auto.extra["index_detail"]
+    assert auto.extra["read_ahead"]["join_tasks"] == {"helper": 0, "stage": 0}
     flat, kept_flat, rejects_flat = _run(tmp_path, rows, "flat", drop_conflicts=True, index="flat")
     assert flat.extra["index"] == "flat" and "join_tasks" in flat.extra["read_ahead"]
 
@@ -512,7 +516,7 @@ def test_the_join_operands_are_built_during_the_exact_pass(tmp_path):
     )
     # --keep longest keeps the later, longer copy of m42: embedded after the pass, in a slot
     # after rows that follow it in the input, its operands built then and taken out of order
-    _, kept_long, rejects_long = _run(tmp_path, rows, "long", keep="longest")
+    _, kept_long, rejects_long = _run(tmp_path, rows, "long", keep="longest", index="ivf")
     _, kept_long_flat, rejects_long_flat = _run(tmp_path, rows, "long-flat", keep="longest", index="flat")
     assert kept_long == kept_long_flat and summary(rejects_long) == summary(rejects_long_flat)
     assert "exact-of-m42" in kept_long and "m42" in rejects_long  # the copy has trailing blanks: longer

@@ -36,10 +36,13 @@ it has not done when the pass ends, both threads finish (``drain``). The search 
 early basis against a uniform sample before it uses it (``JoinOperands.fits``). With a
 static model on CPU the pass runs torch on one thread (``serial_torch``), so the values do
 not depend on which thread built which chunk, and the chunks start at fixed rows, so they
-do not depend on the batch size. Measured on a 2-core AMD EPYC VM, 200k bench rows, against
-the previous code (2 interleaved pairs): search 3.67 -> 2.32 s (of which bf16 on AVX-512
-BF16 ~0.4 s), the first pass's time outside the model 2.43 -> 1.65 s (of which one torch
-thread ~0.7 s), in-run ratio 1.268 -> 1.195; 20k rows (4 pairs): 1.285 -> 1.253.
+do not depend on the batch size. The gaps are not free: on a 2-core AMD EPYC VM the work
+done in them slowed the model's own calls by about half of what it took off the search.
+200k bench rows, 4 interleaved pairs with and without: search 2.85 -> 2.26 s, model 25.80 ->
+25.89 s, total 31.34 -> 30.82 s (in-run ratio 1.218 -> 1.191); 20k rows, 6 pairs: search
+0.30 -> 0.25 s, model 2.76 -> 2.91 s, total 3.47 -> 3.56 s, a loss. Hence only from
+``_AHEAD_MIN_ROWS`` rows (the crossover by those two points is ~47k), or with ``--index
+ivf``.
 
 ``finish`` then embeds the rows the exact pass kept that were not provisional (another
 ``--keep`` policy picked a later row of its group, or two group keys agreed on 64 bits) in
@@ -91,6 +94,7 @@ if TYPE_CHECKING:
 _FIT_ROWS = 4096  # rows embedded before the join's basis is fitted on them (``index._PCA_SAMPLE``)
 _JOIN_CHUNK = 1024  # the join's operands are filled this many rows at a time (a few ms on one thread)
 _HOLD_OUT = 1024  # of those, held out of the fit to measure the basis on (``JoinOperands.fits``)
+_AHEAD_MIN_ROWS = 50_000  # the join's operands are built during the pass from this many rows on
 
 
 class RowVectors:
@@ -115,7 +119,7 @@ class RowVectors:
         # A static model on CPU: no torch inside the model, so the pass runs torch on one thread
         # (``serial_torch``), and gaps for the helper to build the join's operands in.
         self.static_cpu = resolve_model(cfg.model, cfg.device) == ("static", "cpu")
-        self._join_ahead = self.static_cpu and bool(parts) and _join_expected(cfg.index, n_rows)
+        self._join_ahead = self.static_cpu and bool(parts) and _join_ahead(cfg.index, n_rows)
         self._join: JoinOperands | None = None
         self._join_next = 0  # slots handed to join tasks so far
         self._fit_lock = threading.Lock()
@@ -323,11 +327,10 @@ class RowVectors:
         return self.matrix[src], join.take(src) if join is not None else None
 
 
-def _join_expected(index: str, n_rows: int) -> bool:
-    """Whether the near-duplicate search of ``n_rows`` rows may take the CPU IVF join."""
-    from prefcurate.backends.index import CPU_EXACT_MAX_ROWS
-
-    return index == "ivf" or (index == "auto" and n_rows > CPU_EXACT_MAX_ROWS)
+def _join_ahead(index: str, n_rows: int) -> bool:
+    """Whether to build the IVF join's operands during the pass: when the search is forced to
+    be the join, or would be and there are ``_AHEAD_MIN_ROWS`` rows (see the module notes)."""
+    return index == "ivf" or (index == "auto" and n_rows >= _AHEAD_MIN_ROWS)
 
 
 class _Background:
