@@ -228,8 +228,7 @@ def test_side_tasks_wait_for_the_units_and_run_on_the_helper_while_the_gate_is_o
     done: list = []
     ahead = ReadAhead(iter(batches), OPTIONS, True, True, IdleGate(), slice_rows=7)
     try:
-        for task in _side_tasks(done, 5):
-            ahead.submit(task)
+        ahead.submit(*_side_tasks(done, 5))
         deadline = time.monotonic() + 20
         while len(done) < 5:  # the caller takes no unit: the helper reads one, hashes it, then side work
             assert time.monotonic() < deadline, done
@@ -252,8 +251,7 @@ def test_drain_runs_the_side_tasks_a_shut_gate_held_back(tmp_path):
     with gate.busy():  # the encoder holds every core: the helper starts nothing
         ahead = ReadAhead(iter(batches), OPTIONS, True, True, gate, slice_rows=7)
         try:
-            for task in _side_tasks(done, 4):
-                ahead.submit(task)
+            ahead.submit(*_side_tasks(done, 4))
             time.sleep(0.2)
             assert done == []
             list(ahead)
@@ -284,7 +282,6 @@ def test_a_side_task_error_is_raised_by_drain_and_close_drops_what_is_left(tmp_p
     gate = IdleGate()
     with gate.busy():
         ahead = ReadAhead(iter(batches), OPTIONS, True, True, gate)
-        for task in _side_tasks(done, 3):
-            ahead.submit(task)
+        ahead.submit(*_side_tasks(done, 3))
         ahead.close()  # ends the helper at the shut gate; the side work is dropped, not run
     assert done == []

@@ -260,14 +260,12 @@ def _first_pass(
                 keys.contaminated.append(keys.contaminated_ref[-1] >= 0)
                 if vectors is not None:
                     vectors.feed(batch, start, pk.group, keys.contaminated[-1], first_only, prepared)
-                    for side in vectors.take_tasks():  # the join's operands of the rows just embedded
-                        ahead.submit(side)
+                    ahead.submit(*vectors.take_tasks())  # the join's operands of the rows just embedded
                 start += batch.num_rows
                 task.advance(batch.num_rows)
             if vectors is not None:
                 vectors.end_pass()
-                for side in vectors.take_tasks():
-                    ahead.submit(side)
+                ahead.submit(*vectors.take_tasks())
                 ahead.drain()
     finally:
         ahead.close()

@@ -143,11 +143,11 @@ class ReadAhead:
             keys = PairKeys.concat(job.results[: job.slices])
             yield job.batch, keys, (job.results[-1] if self._prepare is not None else None)
 
-    def submit(self, task: Callable[[], Steps]) -> None:
-        """Run ``task``'s steps on the helper when it has no unit work (in the order
+    def submit(self, *tasks: Callable[[], Steps]) -> None:
+        """Run each task's steps on the helper when it has no unit work (in the order
         submitted); ``drain`` runs what is left."""
         with self._cond:
-            self._side.append(task())
+            self._side.extend(task() for task in tasks)
             self._cond.notify_all()
 
     def drain(self) -> None:
@@ -243,7 +243,7 @@ class ReadAhead:
                     self._side_running += 1
             if side is not None:  # one step, then back to the queue: unit work comes first
                 if self._gate is not None:
-                    self._gate.wait()
+                    self._gate.wait()  # it may have shut while this thread waited for work
                 if self._run_side(side, one_step=True):
                     self.helper_side += 1
                 continue
