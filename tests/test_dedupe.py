@@ -520,3 +520,12 @@ def test_the_join_operands_are_built_during_the_exact_pass(tmp_path):
     _, kept_long_flat, rejects_long_flat = _run(tmp_path, rows, "long-flat", keep="longest", index="flat")
     assert kept_long == kept_long_flat and summary(rejects_long) == summary(rejects_long_flat)
     assert "exact-of-m42" in kept_long and "m42" in rejects_long  # the copy has trailing blanks: longer
+    # --on response with --against: the prompt's block sits beside the row vector in the
+    # matrix, outside the join's operands; contaminated rows leave the operands before the search
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": rows[7]["prompt"]}, {"prompt": rows[4_321]["prompt"]}])
+    options = {"on": "response", "against": [evals]}
+    resp, kept_resp, rejects_resp = _run(tmp_path, rows, "resp", index="ivf", **options)
+    _, kept_resp_flat, rejects_resp_flat = _run(tmp_path, rows, "resp-flat", index="flat", **options)
+    assert "operands built ahead" in resp.extra["index_detail"]
+    assert kept_resp == kept_resp_flat and summary(rejects_resp) == summary(rejects_resp_flat)
+    assert {"m7", "m4321"} <= {k for k, v in rejects_resp.items() if v["reject_reason"] == "contaminated"}
