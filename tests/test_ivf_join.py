@@ -4,10 +4,19 @@ while its encoder runs: a basis fitted on the first rows, ranges of rows filled 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from prefcurate.backends.index import similar_pairs
 from prefcurate.backends.ivf_join import JoinOperands, fit_projection, ivf_join
-from tests.test_index import _at_cosine, _planted, _unit
+from tests.test_index import _planted, _unit
+
+
+def _at_cosine(base: np.ndarray, cos: np.ndarray, rng) -> np.ndarray:
+    """For each row of ``base``, a unit vector at exactly cosine ``cos`` from it."""
+    noise = rng.normal(size=base.shape)
+    noise -= (noise * base).sum(1, keepdims=True) * base  # orthogonal to base
+    noise = _unit(noise)
+    return _unit(cos[:, None] * base + np.sqrt(1 - cos[:, None] ** 2) * noise)
 
 
 def _ahead(vectors: np.ndarray, bf16: bool, fit_rows: int = 1000, ranges=(0, 700, 2048, 3000)) -> JoinOperands:
@@ -37,30 +46,37 @@ def test_operands_built_ahead_find_the_planted_pairs_of_a_fresh_join():
         assert _edges(ahead) <= truth and (ahead[2] >= 0.9).all()  # nothing below the threshold
 
 
-def test_an_early_basis_keeps_the_filter_lossless_at_the_threshold():
-    """Every row probes every cell, so the filter alone decides: with a basis fitted on the
-    first rows only, every planted pair at or above the threshold is still found (any
-    orthonormal basis is a lower bound on the distance), and none below it."""
-    rng = np.random.default_rng(11)
-    base = _unit(
-        rng.normal(size=(6_000, 128)) * (rng.random((6_000, 128)) < 0.05) + 1e-3 * rng.normal(size=(6_000, 128))
-    )
-    src = rng.choice(len(base), 1_500, replace=False)
-    copies = _at_cosine(base[src], 0.9 + rng.uniform(-1e-3, 1e-3, len(src)), rng)
+@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_ivf_join_filter_is_lossless_at_the_threshold(precision, ahead):
+    """Pairs planted within 1.5e-4 above and below the threshold: the join must keep every pair
+    at or above it and none below, in both GEMM formats. This fails when the filter takes the
+    float16 unit vectors for exactly unit, and in bf16 (8 significant bits, rounding larger
+    than these margins) when its bound is not widened by the rounding error. With operands
+    built ahead from a basis fitted on the first 500 rows only, too: any orthonormal basis
+    keeps the bound a lower bound on the distance."""
+    rng = np.random.default_rng(7)
+    # rows on a few axes each: their dot products are sums of a few large terms, whose bf16
+    # rounding errors do not average out as they do over 128 small ones
+    base = rng.normal(size=(6_000, 128)) * (rng.random((6_000, 128)) < 0.03)
+    base = _unit(base + 1e-3 * rng.normal(size=base.shape))
+    src = rng.choice(len(base), 2_000, replace=False)
+    copies = _at_cosine(base[src], 0.9 + rng.uniform(-1.5e-4, 1.5e-4, len(src)), rng)
     vecs = np.concatenate([base, copies]).astype(np.float16)
     wide = vecs.astype(np.float64)
-    cos = (wide[src] * wide[len(base) :]).sum(1)
-    clear = np.abs(cos - 0.9) > 1e-5
-    for bf16 in (True, False):
-        ops = _ahead(vecs, bf16, fit_rows=500)
-        i, j, s, info = ivf_join(vecs, 0.9, 8, None, nprobe=10**6, precision="bf16" if bf16 else "fp32", operands=ops)
-        assert info.ahead and info.nprobe == info.nlist
-        found = set(zip(i.tolist(), j.tolist(), strict=True))
-        planted = [(int(a), len(base) + t) for t, a in enumerate(src)]
-        above = {p for p, c, ok in zip(planted, cos, clear, strict=True) if ok and c > 0.9}
-        below = {p for p, c, ok in zip(planted, cos, clear, strict=True) if ok and c < 0.9}
-        assert len(above) > 300 and len(below) > 300
-        assert above <= found and not below & found
+    cos = (wide[src] * wide[len(base) :]).sum(1)  # the cosines of the float16 vectors compared
+    clear = np.abs(cos - 0.9) > 1e-5  # not within float32 noise of the threshold
+    # every row probes every cell, so the filter is the only thing that can lose a pair
+    ops = _ahead(vecs, precision == "bf16", fit_rows=500) if ahead else None
+    i, j, s, info = ivf_join(vecs, 0.9, 8, None, nprobe=len(vecs), precision=precision, operands=ops)
+    assert info.join and info.gemm == precision and info.nprobe == info.nlist and info.ahead == ahead
+    found = set(zip(i.tolist(), j.tolist(), strict=True))
+    planted = [(int(a), len(base) + t) for t, a in enumerate(src)]
+    above = {p for p, c, ok in zip(planted, cos, clear, strict=True) if ok and c > 0.9}
+    below = {p for p, c, ok in zip(planted, cos, clear, strict=True) if ok and c < 0.9}
+    assert len(above) > 600 and len(below) > 600
+    assert above <= found and not below & found
+    assert (s >= 0.9).all()
 
 
 def test_a_basis_fitted_on_unlike_first_rows_is_refitted():
