@@ -278,8 +278,9 @@ class RowVectors:
         src[~have] = self._slots + np.arange(len(missing))
         self._reread(missing, source, batch_rows)
         self._queue_join(final=True)
-        for task in self.take_tasks():  # the re-read rows' operands (few): here and now
-            run_steps(task())
+        with serial_torch():  # the re-read rows' operands (few): here and now, as the pass did them
+            for task in self.take_tasks():
+                run_steps(task())
         self._task.set_total(self._slots * len(self.names))
         # hashing and embedding are one pass now: their wall time together, the model load included
         self._ctx.extra["hash_and_embed_seconds"] = round(time.perf_counter() - self._started, 3)
