@@ -43,8 +43,9 @@ _OPERAND_ROWS = 1 << 16  # member rows turned into right operands at once (``_ce
 # 3.6 s with the cut, 1.9 s in float32, which ranks by its own filter values)
 _BF16_RANK = 4
 _FILL_CHUNK = 1024  # rows per step when the operands are filled ahead (a few ms on one thread)
-# A basis fitted on the first rows is kept when it keeps at least this share of what it kept of
-# its own sample, on a uniform sample of all rows (else the join fits a fresh one)
+# A basis fitted on the first rows is kept when, on a uniform sample of all rows, it keeps at
+# least this share of what it kept of the early rows held out of its fit (else the join fits a
+# fresh one: ``JoinOperands.fits``)
 _FIT_SHARE = 0.9
 _CHECK_ROWS = 2048  # rows of the uniform sample in that test (~0.01 s)
 
@@ -92,10 +93,11 @@ def ivf_join(
     Tried and dropped: fitting the cells and projecting each block on a background thread
     while the encoder runs. The encoder keeps ~1.5 of the 2 cores busy, and the stolen time
     cost it more than the search saved (20k rows: 5.74 s vs 5.53 s over 4 runs each; 200k:
-    51.1 s vs 50.0 s). What pays instead is building the operands (``JoinOperands``) on
-    dedupe's gated helper, which works only while the tokenizer's threads are idle: see
-    ``JoinOperands``. ``operands``, when given, are those rows for ``vectors`` in order; they
-    are used when their basis still fits the data (``JoinOperands.fits``), else rebuilt.
+    51.1 s vs 50.0 s). Building the operands (``JoinOperands``) on dedupe's gated helper,
+    which works only while the tokenizer's threads are idle, pays a little from ~50k rows and
+    loses below (``dedupe_vectors``' notes). ``operands``, when given, are those rows for
+    ``vectors`` in order; they are used when their basis still fits the data
+    (``JoinOperands.fits``), else rebuilt.
     """
     import torch
 
@@ -212,7 +214,9 @@ class JoinOperands:
     table, 0.9-1.0 s of a 3.7 s search at 200k rows (2-core AMD EPYC VM), on the critical path
     after the encoder. dedupe builds them instead on its helper thread while the encoder
     runs (``dedupe_vectors``), a unit of rows at a time as they are embedded, in the gaps the
-    tokenizer leaves, from a basis fitted on the first rows (``fill_steps``). Any orthonormal
+    tokenizer leaves, from a basis fitted on the first rows (``fill_steps``); measured, that
+    saves about half its cost at 200k rows, as the gap work slows the encoder (hence only from
+    50k rows, ``dedupe_vectors``). Any orthonormal
     basis keeps the filter lossless; a basis that fits the data worse only lets more pairs
     through to the exact re-score, and ``fits`` sends the join back to a fresh basis when the
     early rows were not like the rest. The values do not depend on which thread filled a

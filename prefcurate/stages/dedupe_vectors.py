@@ -119,7 +119,7 @@ class RowVectors:
         # A static model on CPU: no torch inside the model, so the pass runs torch on one thread
         # (``serial_torch``), and gaps for the helper to build the join's operands in.
         self.static_cpu = resolve_model(cfg.model, cfg.device) == ("static", "cpu")
-        self._join_ahead = self.static_cpu and bool(parts) and _join_ahead(cfg.index, n_rows)
+        self._join_ahead = self.static_cpu and bool(parts) and _builds_join_ahead(cfg.index, n_rows)
         self._join: JoinOperands | None = None
         self._join_next = 0  # slots handed to join tasks so far
         self._fit_lock = threading.Lock()
@@ -328,7 +328,7 @@ class RowVectors:
         return self.matrix[src], join.take(src) if join is not None else None
 
 
-def _join_ahead(index: str, n_rows: int) -> bool:
+def _builds_join_ahead(index: str, n_rows: int) -> bool:
     """Whether to build the IVF join's operands during the pass: when the search is forced to
     be the join, or would be and there are ``_AHEAD_MIN_ROWS`` rows (see the module notes)."""
     return index == "ivf" or (index == "auto" and n_rows >= _AHEAD_MIN_ROWS)
