@@ -224,14 +224,24 @@ class EmbeddingCache:
         first, second, seg, row = level
         if not len(first) or not len(keys):
             return np.zeros(len(keys), bool)
-        pos = np.minimum(np.searchsorted(first, keys[:, 0]), len(first) - 1)
+        # in sorted order, the searches walk the level front to back instead of missing the
+        # CPU cache at every step: 4k keys in 400k, 0.61 -> 0.09 ms, plus 0.08 ms to sort them
+        # (with the one sort below: a 200k-row dedupe's lookups 0.45 -> 0.32 s, 2 pairs)
+        order = np.argsort(keys[:, 0])
+        pos = np.empty(len(keys), np.int64)
+        pos[order] = np.minimum(np.searchsorted(first, keys[order, 0]), len(first) - 1)
         hit = (first[pos] == keys[:, 0]) & (second[pos] == keys[:, 1])
         found = np.flatnonzero(hit)
-        for s in np.unique(seg[pos[found]]):
-            mine = found[seg[pos[found]] == s]
-            rows = row[pos[mine]]
-            order = np.argsort(rows)  # read the memory-mapped file front to back
-            out[where[mine[order]]] = self._vecs[s][rows[order]]
+        if not len(found):
+            return hit
+        segs, rows = seg[pos[found]], row[pos[found]]
+        # by segment, each front to back (a memory-mapped file is read in order); one sort, where
+        # a mask per segment cost O(hits x segments): dedupe adds a segment per part and batch
+        order = np.lexsort((rows, segs))
+        segs, rows, dest = segs[order], rows[order], where[found[order]]
+        cuts = np.r_[0, np.flatnonzero(segs[1:] != segs[:-1]) + 1, len(segs)]
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=False):
+            out[dest[lo:hi]] = self._vecs[segs[lo]][rows[lo:hi]]
         return hit
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -371,20 +381,22 @@ class Embedder:
         batch_size = batch_size or self.default_batch_size
         prep = texts if isinstance(texts, PreparedTexts) else run_steps(prepare_steps(texts))
         distinct, inverse, keys, lengths = prep.distinct, prep.inverse, prep.keys, prep.lengths
+        used = None  # with ``rows``: the distinct texts asked for, as rows of ``prep.distinct``
         if rows is not None:
             used, inverse = np.unique(inverse[rows], return_inverse=True)
-            if len(used) < len(distinct):
-                distinct, keys, lengths = distinct.take(pa.array(used)), keys[used], lengths[used]
-        vecs = np.empty((len(distinct), self.dim), np.float16)
+            keys, lengths = keys[used], lengths[used]
+        vecs = np.empty((len(keys), self.dim), np.float16)
         missing = np.flatnonzero(~self.cache.lookup(keys, vecs))
         self.stats.requested += len(inverse)
-        self.stats.distinct += len(distinct)
-        self.stats.cache_hits += len(distinct) - len(missing)
+        self.stats.distinct += len(keys)
+        self.stats.cache_hits += len(keys) - len(missing)
         if progress is not None:
             progress.advance(len(inverse) - len(missing))
         # Sorting by length keeps a transformer's padded batches tight; harmless for static.
         missing = missing[np.argsort(lengths[missing], kind="stable")]
-        todo = distinct.take(pa.array(missing))  # in encoding order
+        # in encoding order; one take of the texts to encode, not first one of every text asked
+        # for (a 200k-row dedupe, with the lookup's sort: time outside the model here 1.36 -> 1.12 s)
+        todo = distinct.take(pa.array(missing if used is None else used[missing]))
         started = time.perf_counter()
         saved = 0
         for start in range(0, len(missing), batch_size):
