@@ -105,6 +105,9 @@ def read_table(stage_dir: str | Path, columns: Sequence[str] | None = None, subd
 
 
 _IN_FLIGHT = 2  # shards being written at once (see ShardWriter)
+# At close, what is left is written as two shards, one per writer thread, from twice this
+# many rows on (see ``ShardWriter.finish``)
+_SPLIT_ROWS = 8192
 
 
 class ShardWriter:
@@ -204,10 +207,21 @@ class ShardWriter:
             self._pool = None
         self._inflight = []
 
+    def finish(self) -> None:
+        """Start writing what is pending, without waiting. The last shard of a stage used to
+        be compressed by one thread while the other core idled (at commit, after the stage's
+        last batch); from ``2 * _SPLIT_ROWS`` rows it goes out as two halves at once, so an
+        output's shards hold at most ``rows_per_shard`` rows, not exactly that many. 95k
+        dedupe rows alone: 0.35 -> 0.21-0.27 s; a 200k-row dedupe's commit (its last 90k
+        kept rows and its rejects), 2 interleaved pairs: 0.40 / 0.38 -> 0.30 / 0.22 s."""
+        if self._pending_rows >= 2 * _SPLIT_ROWS:
+            self._flush(-(-self._pending_rows // 2))
+        self._flush()
+
     def close(self) -> None:
         """Write what is pending and wait for every shard to be on disk."""
         try:
-            self._flush()
+            self.finish()
             self._wait()
         finally:
             if self._pool is not None:
@@ -314,6 +328,8 @@ class StageOutput:
 
     def commit(self, manifest: Manifest) -> Path:
         """Close the writers, stamp time and lineage on the manifest, and move into place."""
+        self.data.finish()  # both writers' last shards compress at once
+        self.rejects.finish()
         self.data.close()
         self.rejects.close()
         manifest.wall_seconds = round(time.perf_counter() - self.started, 3)

@@ -41,6 +41,33 @@ def test_writer_rotates_shards_and_keeps_order(tmp_path):
     assert count_rows(tmp_path) == 1000
 
 
+def test_a_large_last_shard_is_written_as_two_halves(tmp_path):
+    """What is left at close, from twice ``_SPLIT_ROWS`` rows, goes out as two shards (one per
+    writer thread); rows keep their order, and full shards before it are unchanged."""
+    from prefcurate.shards import _SPLIT_ROWS
+
+    n = 2 * _SPLIT_ROWS + 1
+    writer = ShardWriter(tmp_path / "data", rows_per_shard=100_000)
+    for start in range(0, n, 5000):
+        writer.write(_table(start, min(5000, n - start), "x"))
+    writer.close()
+    sizes = [count_rows_of(p) for p in shard_paths(tmp_path)]
+    assert sizes == [_SPLIT_ROWS + 1, _SPLIT_ROWS]
+    ids = [r for b in iter_batches(tmp_path) for r in b.column("id").to_pylist()]
+    assert ids == [str(i) for i in range(n)]
+
+    small = ShardWriter(tmp_path / "small" / "data", rows_per_shard=100_000)
+    small.write(_table(0, 2 * _SPLIT_ROWS - 1, "x"))
+    small.close()
+    assert [count_rows_of(p) for p in shard_paths(tmp_path / "small")] == [2 * _SPLIT_ROWS - 1]
+
+
+def count_rows_of(path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
 def test_writer_widens_a_column_first_seen_as_null(tmp_path):
     writer = ShardWriter(tmp_path / "data", rows_per_shard=10_000)
     writer.write(_table(0, 5))
