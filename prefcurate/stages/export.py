@@ -239,6 +239,10 @@ class HubDatasetWriter:
             if part.num_rows:
                 self.splits[name].write(to_layout(part, self.config.format, self.schema))
 
+    def finish(self) -> None:
+        """``ShardWriter.finish``: nothing to start early here (each file takes its rows as
+        they come, and ``ExportOutput.commit`` closes this writer first)."""
+
     def close(self) -> None:
         if self.closed:
             return
