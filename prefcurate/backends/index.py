@@ -167,6 +167,13 @@ def choose_kind(rows: int, device: str, kind: str = "auto") -> str:
     return "flat" if rows <= limit else "ivf"
 
 
+def uses_cpu_join(rows: int, dim: int, where: str, kind: str = "auto") -> bool:
+    """Whether ``similar_pairs`` of ``rows`` vectors of ``dim`` values, searched on ``where``
+    (a resolved device: ``resolve_index_device``) with index ``kind``, runs the CPU IVF join
+    (``ivf_join``), which alone takes operands built ahead (dedupe builds them when so)."""
+    return where == "cpu" and choose_kind(rows, where, kind) == "ivf" and dim > REDUCED_DIM
+
+
 class NeighborIndex:
     """A FAISS index over ``vectors`` (float32, L2-normalized rows) answering "which rows may
     be at cosine >= t of this query": ``candidates`` returns neighbour ids (-1 for none).
@@ -357,8 +364,7 @@ def similar_pairs(
     Approximate indexes give candidates only; each distinct candidate pair is re-scored once
     with the full vectors (a pair is usually found from both of its ends). ``operands``: the
     CPU join's row operands built ahead (``ivf_join.JoinOperands``), used by that path only."""
-    where = resolve_index_device(device)
-    if choose_kind(len(vectors), where, kind) == "ivf" and where == "cpu" and vectors.shape[1] > REDUCED_DIM:
+    if uses_cpu_join(len(vectors), vectors.shape[1], resolve_index_device(device), kind):
         from prefcurate.backends.ivf_join import ivf_join
 
         return ivf_join(vectors, threshold, k, progress, scale=scale, precision=precision, operands=operands)

@@ -120,6 +120,7 @@ class RowVectors:
         # (``serial_torch``), and gaps for the helper to build the join's operands in.
         self.static_cpu = resolve_model(cfg.model, cfg.device) == ("static", "cpu")
         self._join_ahead = self.static_cpu and bool(parts) and _builds_join_ahead(cfg.index, n_rows)
+        self._device, self._index = cfg.device, cfg.index
         self._join: JoinOperands | None = None
         self._join_next = 0  # slots handed to join tasks so far
         self._fit_lock = threading.Lock()
@@ -243,11 +244,14 @@ class RowVectors:
         if self.matrix is None:  # a slot per input row at most: provisional + re-read rows <= rows
             self.matrix = np.empty((max(1, self.n_rows), len(self.names) * dim), np.float16)
             if self._join_ahead:
-                from prefcurate.backends.index import FILTER_DIM, REDUCED_DIM, join_precision
+                from prefcurate.backends.index import FILTER_DIM, join_precision, resolve_index_device, uses_cpu_join
                 from prefcurate.backends.ivf_join import JoinOperands
 
                 width = self.n_parts * dim
-                if width > REDUCED_DIM:  # the join's own condition (``index.similar_pairs``)
+                # GPU FAISS searches without them; "cuda" is not resolved here, as without a GPU
+                # it is the search's error to raise
+                where = "cuda" if self._device == "cuda" else resolve_index_device(self._device)
+                if uses_cpu_join(self.n_rows, width, where, self._index):
                     bf16 = join_precision() == "bf16"
                     self._join = JoinOperands(self.matrix.shape[0], min(width, FILTER_DIM), bf16)
         columns = prepared or dict(zip(self.names, part_columns(batch, self.names), strict=True))
