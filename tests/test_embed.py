@@ -3,6 +3,7 @@ on-disk cache makes a second encode of the same texts free."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
@@ -297,6 +298,7 @@ def test_static_pooling_matches_model2vec_encode(model_cache_dir):
 
     emb = get_embedder("static", "cpu", model_cache_dir)
     assert emb._table is not None  # the distilled model has no token weights: the fast path
+    assert emb._model is None  # read without model2vec's loader
     rows = hh_rows(40)
     texts = [r["chosen"] for r in rows] + [r["rejected"][:40] for r in rows]
     texts += ["", "   ", "x" * 300, " ".join(r["chosen"] for r in rows)]  # empty, one unknown token, > 512 tokens
@@ -304,3 +306,42 @@ def test_static_pooling_matches_model2vec_encode(model_cache_dir):
     theirs = _normalize(np.asarray(emb.model.encode(texts, use_multiprocessing=False), np.float32))
     np.testing.assert_allclose(ours, theirs, atol=2e-3)
     assert not ours[-4:-1].any() and np.linalg.norm(ours[-1]) > 0.99
+    model = emb.model  # model2vec's own load of the same directory
+    assert (emb.tokens.max_length, emb.tokens.median_token_length, emb.tokens.unk_token_id) == (
+        model.max_length,
+        model.median_token_length,
+        model.unk_token_id,
+    )
+    np.testing.assert_array_equal(emb._table, np.asarray(model.embedding, np.float32))
+
+
+def test_a_static_model_the_fast_reader_does_not_know_loads_through_model2vec(model_cache_dir, tmp_path):
+    """A directory with token weights, or whose config names no max_length, is loaded by
+    model2vec (weights: pooled by model2vec too) and encodes as the plain model does (weights
+    of one change nothing)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from prefcurate.backends.embed import STATIC_NAME, StaticEmbedder
+
+    plain = model_cache_dir / "models" / STATIC_NAME
+    texts = [r["chosen"] for r in hh_rows(20)]
+    reference = StaticEmbedder(plain, "plain", tmp_path / "c0")._encode_batch(texts)
+    weighted = tmp_path / "weighted"
+    shutil.copytree(plain, weighted)
+    tensors = load_file(str(weighted / "model.safetensors"))
+    save_file(
+        {**tensors, "weights": np.ones(len(tensors["embeddings"]), np.float64)}, str(weighted / "model.safetensors")
+    )
+    emb = StaticEmbedder(weighted, "weighted", tmp_path / "c1")
+    assert emb._model is not None and emb._table is None
+    np.testing.assert_allclose(emb._encode_batch(texts), reference, atol=2e-3)
+    no_length = tmp_path / "no-length"
+    shutil.copytree(plain, no_length)
+    config = json.loads((no_length / "config.json").read_text())
+    del config["max_length"]
+    (no_length / "config.json").write_text(json.dumps(config))
+    emb = StaticEmbedder(no_length, "no-length", tmp_path / "c2")
+    assert emb._model is not None and emb._table is not None
+    np.testing.assert_allclose(emb._encode_batch(texts), reference, atol=1e-6)
