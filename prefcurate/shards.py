@@ -74,11 +74,13 @@ def iter_batches(
     columns: Sequence[str] | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     subdir: str = DATA_DIR,
+    start: int = 0,
 ) -> Iterator[pa.RecordBatch]:
     """Stream a stage directory's rows as record batches; memory is bounded by ``batch_rows``.
 
     ``columns`` reads only those columns (global steps read just what they need). Columns a
-    shard lacks are an error: shards of one directory share one schema.
+    shard lacks are an error: shards of one directory share one schema. ``start`` skips the
+    rows before it: whole shards and row groups by their footers, without reading them.
     """
     for path in shard_paths(stage_dir, subdir):
         pf = pq.ParquetFile(path)
@@ -90,7 +92,24 @@ def iter_batches(
                     f"{path}: column(s) {', '.join(missing)} not present",
                     "run the stage that produces them first",
                 )
-        yield from pf.iter_batches(batch_size=batch_rows, columns=cols)
+        if start <= 0:
+            yield from pf.iter_batches(batch_size=batch_rows, columns=cols)
+            continue
+        meta = pf.metadata
+        if start >= meta.num_rows:
+            start -= meta.num_rows
+            continue
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        first = 0
+        while start >= sizes[first]:
+            start -= sizes[first]
+            first += 1
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols, row_groups=range(first, len(sizes))):
+            if start >= batch.num_rows:
+                start -= batch.num_rows
+                continue
+            yield batch.slice(start) if start else batch
+            start = 0
 
 
 def read_table(stage_dir: str | Path, columns: Sequence[str] | None = None, subdir: str = DATA_DIR) -> pa.Table:

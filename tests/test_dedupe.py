@@ -462,6 +462,29 @@ def test_the_decisions_do_not_depend_on_the_batch_size(tmp_path):
     assert {"exact-of-0", "swap-of-1", "para-of-3"} <= set(rejects_small)
 
 
+def test_rows_kept_from_the_first_pass_write_what_reading_them_again_writes(tmp_path, monkeypatch):
+    """The write pass takes the first rows' columns from the exact pass (up to a byte budget)
+    and reads only the others: all rows kept, some, or none, the output is the same, schema
+    and row order included."""
+    from prefcurate.stages import dedupe_retained
+
+    rows = _planted() + _hh(60)
+    src = tmp_path / "in"
+    make_stage_dir(src, rows)
+    first_pass_bytes = read_table(src, ["id", "prompt", "chosen", "rejected", "tie"]).nbytes
+    outputs, kept_rows = [], []
+    for name, budget in (("all", 1 << 40), ("some", first_pass_bytes // 3), ("none", 0)):
+        monkeypatch.setattr(dedupe_retained, "RETAIN_BYTES", budget)
+        manifest, _ = DedupeStage(DedupeConfig(batch_size=16)).run(src, tmp_path / name, fresh=True)
+        kept_rows.append(manifest.extra["rows_kept_for_writing"])
+        outputs.append((read_table(tmp_path / name), read_table(tmp_path / name, subdir="rejects")))
+    assert kept_rows[0] == len(rows) and 0 < kept_rows[1] < len(rows) and kept_rows[2] == 0
+    for data, rejects in outputs[1:]:
+        assert data.equals(outputs[0][0], check_metadata=True)
+        assert rejects.equals(outputs[0][1], check_metadata=True)
+    assert outputs[0][0].num_rows + outputs[0][1].num_rows == len(rows) and outputs[0][1].num_rows >= 4
+
+
 def _many(n: int = 5_600) -> list[dict]:
     """``n`` distinct real pairs (HH-RLHF prompts with other rows' answers) and, at the end,
     copies of a few of them: enough rows for the IVF join (over ``CPU_EXACT_MAX_ROWS``)."""

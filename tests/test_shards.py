@@ -68,6 +68,31 @@ def count_rows_of(path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
+def test_iter_batches_from_a_start_row(tmp_path):
+    """Rows from ``start`` on, whichever shard and row group it falls in, in order: shards of
+    one row group (as prefcurate writes them) and of several (as other writers do)."""
+    import pyarrow.parquet as pq
+
+    writer = ShardWriter(tmp_path / "one" / "data", rows_per_shard=250)
+    writer.write(_table(0, 1000, "x"))
+    writer.close()
+    (tmp_path / "many" / "data").mkdir(parents=True)
+    for k, (lo, hi) in enumerate([(0, 430), (430, 1000)]):
+        pq.write_table(
+            _table(lo, hi - lo, "x"), tmp_path / "many" / "data" / f"part-{k:05d}.parquet", row_group_size=64
+        )
+    assert pq.ParquetFile(tmp_path / "many" / "data" / "part-00000.parquet").metadata.num_row_groups == 7
+    for layout in ("one", "many"):
+        for start in (0, 1, 63, 64, 65, 249, 250, 251, 429, 430, 431, 777, 999, 1000, 1500):
+            for batch_rows in (7, 100, 16_384):
+                got = [
+                    r
+                    for b in iter_batches(tmp_path / layout, ["id"], batch_rows, start=start)
+                    for r in b.column("id").to_pylist()
+                ]
+                assert got == [str(i) for i in range(start, 1000)], (layout, start, batch_rows)
+
+
 def test_writer_widens_a_column_first_seen_as_null(tmp_path):
     writer = ShardWriter(tmp_path / "data", rows_per_shard=10_000)
     writer.write(_table(0, 5))

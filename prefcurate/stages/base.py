@@ -129,9 +129,10 @@ class StageInput:
         return list(self.schema.names) if self.schema is not None else []
 
     def batches(
-        self, columns: Sequence[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS
+        self, columns: Sequence[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, start: int = 0
     ) -> Iterator[pa.RecordBatch]:
-        return iter_batches(self.dir, columns, batch_rows)
+        """The rows from ``start`` on, in batches (``shards.iter_batches``)."""
+        return iter_batches(self.dir, columns, batch_rows, start=start)
 
 
 @dataclass

@@ -4,7 +4,9 @@ A global stage in two passes over the input, each reading only what it needs:
 
 1. keys (id, prompt, chosen, rejected, tie[, margin_mean]): normalized hashes decide exact,
    swapped and conflicting duplicates and exact contamination; nothing else is kept in
-   memory but a 16-byte key and a few numbers per row. As the batches go by, the rows that
+   memory but a 16-byte key and a few numbers per row (and, up to a fixed budget, the
+   first rows' batches, which spare the second pass reading those columns again:
+   ``dedupe_retained``). As the batches go by, the rows that
    survive so far are embedded (``dedupe_vectors``): each part (prompt, chosen, rejected)
    on its own, the parts' unit vectors concatenated and scaled, so the inner product of two
    rows is the *mean* of their per-part cosines. Embedding the parts apart (instead of one
@@ -36,6 +38,7 @@ from pydantic import Field, model_validator
 from prefcurate.backends.embed import serial_torch
 from prefcurate.errors import ConfigError
 from prefcurate.shards import files_fingerprint
+from prefcurate.stages import dedupe_retained
 from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, split
 from prefcurate.stages.dedupe_ahead import ReadAhead
 from prefcurate.stages.dedupe_groups import (
@@ -54,6 +57,7 @@ from prefcurate.stages.dedupe_keys import (
     normalizer,
     row_lengths,
 )
+from prefcurate.stages.dedupe_retained import Retained
 from prefcurate.stages.dedupe_semantic import PARTS, semantic_pass
 from prefcurate.stages.dedupe_vectors import RowVectors
 
@@ -158,7 +162,8 @@ class DedupeStage(Stage):
         if cfg.semantic or evals.texts:
             parts = PARTS[cfg.on] if cfg.semantic else ()
             vectors = RowVectors(cfg, ctx, source.num_rows, parts, need_prompt=bool(evals.texts))
-        state = _first_pass(source, cfg, ctx, eval_hashes, vectors)
+        retained = Retained(dedupe_retained.RETAIN_BYTES)
+        state = _first_pass(source, cfg, ctx, eval_hashes, vectors, retained)
         decisions, labels = exact_decisions(
             state.groups,
             state.orientation,
@@ -175,7 +180,8 @@ class DedupeStage(Stage):
         _follow_chains(decisions)
         ctx.extra["counts"] = decisions.counts()
         ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
-        yield from _write_pass(source, cfg, ctx, decisions, state.ids, evals.refs)
+        ctx.extra["rows_kept_for_writing"] = retained.rows
+        yield from _write_pass(source, cfg, ctx, decisions, state.ids, evals.refs, retained)
         ctx.extra["total_seconds"] = round(time.perf_counter() - started, 3)
 
 
@@ -215,9 +221,15 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
 
 
 def _first_pass(
-    source: StageInput, cfg: DedupeConfig, ctx: StageContext, eval_index: dict[bytes, int], vectors: RowVectors | None
+    source: StageInput,
+    cfg: DedupeConfig,
+    ctx: StageContext,
+    eval_index: dict[bytes, int],
+    vectors: RowVectors | None,
+    retained: Retained,
 ) -> _State:
-    """Hash every row, and hand the rows to embed to ``vectors`` as they go by."""
+    """Hash every row, and hand the rows to embed to ``vectors`` as they go by; the first
+    rows' columns stay in ``retained`` for the write pass."""
     columns = ["id", "prompt", "chosen", "rejected", "tie"]
     if cfg.keep == "highest-margin":
         if "margin_mean" not in source.columns:
@@ -247,6 +259,7 @@ def _first_pass(
         with serial:
             start = 0
             for batch, pk, prepared in ahead:
+                retained.add(batch)
                 keys.ids.append(batch.column("id").cast(pa.string()))
                 keys.groups.append(pk.group)
                 keys.orientation.append(pk.orientation)
@@ -332,13 +345,19 @@ def _follow_chains(decisions: Decisions) -> None:
 
 
 def _write_pass(
-    source: StageInput, cfg: DedupeConfig, ctx: StageContext, d: Decisions, ids: pa.Array, eval_refs: list[str]
+    source: StageInput,
+    cfg: DedupeConfig,
+    ctx: StageContext,
+    d: Decisions,
+    ids: pa.Array,
+    eval_refs: list[str],
+    retained: Retained,
 ) -> Iterator[BatchResult]:
     task = ctx.progress.task("dedupe: writing", total=source.num_rows)
     names = np.array([None, *REASONS.values()], dtype=object)
     refs = np.array(eval_refs, dtype=object)
     start = 0
-    for batch in source.batches(batch_rows=cfg.batch_size):
+    for batch in retained.rows_again(source, cfg.batch_size):
         stop = start + batch.num_rows
         reason = d.reason[start:stop]
         dup = d.dup_of[start:stop]
