@@ -20,9 +20,10 @@ class Retained:
     Why: the write pass read every column of every row again, and at 200k bench rows that
     read was 0.62 s of its 0.79 s on the 2-core AMD EPYC VM (the writer threads compressing
     beside it). Kept in memory it costs nothing more, as the first pass has read those
-    batches anyway: a 200k-row dedupe's write pass and commit 1.17 -> 1.01 s, 20k rows 0.19 ->
-    0.11 s (medians of 3 and 6 interleaved runs). The budget bounds the memory (256 MiB:
-    ~250k HH-RLHF rows); the rows past it are read again as before."""
+    batches anyway: the write pass and commit at 20k rows 0.19 -> 0.11 s (6 interleaved pairs),
+    0.16 -> 0.10 s (8 more, with the model read directly); at 200k rows 1.17 -> 1.01 s (3 pairs),
+    and within the noise in 3 more on a VM running ~30% slow. The budget bounds the memory
+    (256 MiB: ~250k HH-RLHF rows); the rows past it are read again as before."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
