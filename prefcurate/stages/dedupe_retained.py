@@ -21,9 +21,13 @@ class Retained:
     read was 0.62 s of its 0.79 s on the 2-core AMD EPYC VM (the writer threads compressing
     beside it). Kept in memory it costs nothing more, as the first pass has read those
     batches anyway: the write pass and commit at 20k rows 0.19 -> 0.11 s (6 interleaved pairs),
-    0.16 -> 0.10 s (8 more, with the model read directly); at 200k rows 1.17 -> 1.01 s (3 pairs),
-    and within the noise in 3 more on a VM running ~30% slow. The budget bounds the memory
-    (256 MiB: ~250k HH-RLHF rows); the rows past it are read again as before."""
+    0.16 -> 0.10 s (8 more, with the model read directly). At 200k rows the write pass and
+    commit went 1.17 -> 1.01 s (3 pairs) and 1.09 -> 0.86 s (3 more), but in those 3 the first
+    pass's time outside the model rose by as much (1.58 -> 1.81 s; the in-run ratio 1.183 both),
+    while a fourth pair with per-phase counters had it equal (1.61 vs 1.58 s) and fewer page
+    faults in the first pass with the batches kept (177k vs 217k): not a cost found, and not a
+    gain at that size either. The budget bounds the memory (256 MiB: ~250k HH-RLHF rows); the
+    rows past it are read again as before."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
