@@ -483,6 +483,8 @@ class StaticEmbedder(Embedder):
             with self.parallel_section():  # model2vec's own tokenizing and pooling, as one section
                 vecs = self.model.encode(texts, use_multiprocessing=False, batch_size=len(texts) or 1)
             return _normalize(np.asarray(vecs, dtype=np.float32))
+        if self._table.dtype != np.float32:
+            self._table = _as_f32(self._table)
         return _normalize(_mean_pool(self.tokens, self._table, texts, self.parallel_section))
 
 
@@ -505,7 +507,7 @@ class StaticTokens:
 
 
 def _read_plain_static(path: Path) -> tuple[np.ndarray, StaticTokens] | None:
-    """(float32 table, tokens) of a model2vec directory in its own layout (``model.safetensors``
+    """(table, tokens) of a model2vec directory in its own layout (``model.safetensors``
     holding only ``embeddings``, ``tokenizer.json``, a ``config.json`` that names
     ``max_length``) whose tokenizer model has an unknown token (WordPiece, BPE, WordLevel);
     None for anything else, which model2vec then loads."""
@@ -537,12 +539,14 @@ def _read_plain_static(path: Path) -> tuple[np.ndarray, StaticTokens] | None:
     vocab = tokenizer.get_vocab()
     median = int(np.median(np.fromiter(map(len, vocab), np.int64, len(vocab))))
     tokens = StaticTokens(tokenizer, max_length, median, tokenizer.token_to_id(unk) if unk is not None else None)
-    return _as_f32(table), tokens
+    return table, tokens
 
 
 def _as_f32(table: np.ndarray) -> np.ndarray:
-    """``table`` as float32; a float16 table through torch, whose cast is vectorized (numpy's
-    is ~3 ns an element: 30 ms for this model's 7.5M, in the model's load)."""
+    """``table`` as float32, on the first encode rather than in the load: a float16 table is
+    cast by torch, whose cast is vectorized (numpy's is ~3 ns an element: 30 ms for this
+    model's 7.5M), and dedupe loads the model on a thread of its own, where torch must not be
+    imported (two threads importing torch at once can fail: pytorch/pytorch#182560)."""
     if table.dtype == np.float16:
         import torch
 
