@@ -75,14 +75,19 @@ def iter_batches(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     subdir: str = DATA_DIR,
     start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Stream a stage directory's rows as record batches; memory is bounded by ``batch_rows``.
 
     ``columns`` reads only those columns (global steps read just what they need). Columns a
-    shard lacks are an error: shards of one directory share one schema. ``start`` skips the
-    rows before it: whole shards and row groups by their footers, without reading them.
+    shard lacks are an error: shards of one directory share one schema. ``start`` and
+    ``stop`` give rows ``[start, stop)`` only: the shards and row groups before ``start``
+    are skipped by their footers, without reading them, and nothing past ``stop`` is read.
     """
+    skip, left = start, None if stop is None else max(0, stop - start)
     for path in shard_paths(stage_dir, subdir):
+        if left == 0:
+            return
         pf = pq.ParquetFile(path)
         cols = list(columns) if columns is not None else None
         if cols is not None:
@@ -92,24 +97,30 @@ def iter_batches(
                     f"{path}: column(s) {', '.join(missing)} not present",
                     "run the stage that produces them first",
                 )
-        if start <= 0:
-            yield from pf.iter_batches(batch_size=batch_rows, columns=cols)
-            continue
         meta = pf.metadata
-        if start >= meta.num_rows:
-            start -= meta.num_rows
+        if skip >= meta.num_rows:
+            skip -= meta.num_rows
             continue
-        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-        first = 0
-        while start >= sizes[first]:
-            start -= sizes[first]
-            first += 1
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols, row_groups=range(first, len(sizes))):
-            if start >= batch.num_rows:
-                start -= batch.num_rows
+        groups = None
+        if skip:
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            first = 0
+            while skip >= sizes[first]:
+                skip -= sizes[first]
+                first += 1
+            groups = range(first, len(sizes))
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols, row_groups=groups):
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
                 continue
-            yield batch.slice(start) if start else batch
-            start = 0
+            if skip:
+                batch, skip = batch.slice(skip), 0
+            if left is not None:
+                if batch.num_rows >= left:
+                    yield batch.slice(0, left)
+                    return
+                left -= batch.num_rows
+            yield batch
 
 
 def read_table(stage_dir: str | Path, columns: Sequence[str] | None = None, subdir: str = DATA_DIR) -> pa.Table:

@@ -69,7 +69,7 @@ def count_rows_of(path) -> int:
 
 
 def test_iter_batches_from_a_start_row(tmp_path):
-    """Rows from ``start`` on, whichever shard and row group it falls in, in order: shards of
+    """Rows ``[start, stop)``, whichever shard and row group each falls in, in order: shards of
     one row group (as prefcurate writes them) and of several (as other writers do)."""
     import pyarrow.parquet as pq
 
@@ -91,6 +91,13 @@ def test_iter_batches_from_a_start_row(tmp_path):
                     for r in b.column("id").to_pylist()
                 ]
                 assert got == [str(i) for i in range(start, 1000)], (layout, start, batch_rows)
+                for stop in (start, start + 1, start + 63, start + 250, 1000, 1200):
+                    got = [
+                        r
+                        for b in iter_batches(tmp_path / layout, ["id"], batch_rows, start=start, stop=stop)
+                        for r in b.column("id").to_pylist()
+                    ]
+                    assert got == [str(i) for i in range(start, min(stop, 1000))], (layout, start, stop, batch_rows)
 
 
 def test_writer_widens_a_column_first_seen_as_null(tmp_path):

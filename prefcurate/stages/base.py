@@ -129,10 +129,14 @@ class StageInput:
         return list(self.schema.names) if self.schema is not None else []
 
     def batches(
-        self, columns: Sequence[str] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, start: int = 0
+        self,
+        columns: Sequence[str] | None = None,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """The rows from ``start`` on, in batches (``shards.iter_batches``)."""
-        return iter_batches(self.dir, columns, batch_rows, start=start)
+        """Rows ``[start, stop)`` in batches (``shards.iter_batches``)."""
+        return iter_batches(self.dir, columns, batch_rows, start=start, stop=stop)
 
 
 @dataclass

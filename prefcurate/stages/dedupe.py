@@ -38,7 +38,6 @@ from pydantic import Field, model_validator
 from prefcurate.backends.embed import serial_torch
 from prefcurate.errors import ConfigError
 from prefcurate.shards import files_fingerprint
-from prefcurate.stages import dedupe_retained
 from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, split
 from prefcurate.stages.dedupe_ahead import ReadAhead
 from prefcurate.stages.dedupe_groups import (
@@ -162,7 +161,7 @@ class DedupeStage(Stage):
         if cfg.semantic or evals.texts:
             parts = PARTS[cfg.on] if cfg.semantic else ()
             vectors = RowVectors(cfg, ctx, source.num_rows, parts, need_prompt=bool(evals.texts))
-        retained = Retained(dedupe_retained.RETAIN_BYTES)
+        retained = Retained()
         state = _first_pass(source, cfg, ctx, eval_hashes, vectors, retained)
         decisions, labels = exact_decisions(
             state.groups,
