@@ -457,14 +457,13 @@ class StaticEmbedder(Embedder):
         plain = _read_plain_static(path)
         if plain is not None:
             self._table, self.tokens = plain
-            import scipy.sparse  # noqa: F401  (imported with the model, not on the first batch)
         else:
             model = self.model
-            self._table, self.tokens = None, StaticTokens.of(model)
-            if getattr(model, "weights", None) is None and getattr(model, "token_mapping", None) is None:
-                import scipy.sparse  # noqa: F401
-
-                self._table = np.asarray(model.embedding, np.float32)
+            self.tokens = StaticTokens.of(model)
+            weighted = getattr(model, "weights", None) is not None or getattr(model, "token_mapping", None) is not None
+            self._table = None if weighted else np.asarray(model.embedding)  # float32 on the first encode
+        if self._table is not None:
+            import scipy.sparse  # noqa: F401  (imported with the model, not on the first batch)
         self.name, self.device = name, "cpu"
         self.dim = int(self._table.shape[1]) if self._table is not None else int(self.model.dim)
         super().__init__(cache_dir)
