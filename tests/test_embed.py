@@ -303,6 +303,15 @@ def test_static_pooling_matches_model2vec_encode(model_cache_dir):
     texts = [r["chosen"] for r in rows] + [r["rejected"][:40] for r in rows]
     texts += ["", "   ", "x" * 300, " ".join(r["chosen"] for r in rows)]  # empty, one unknown token, > 512 tokens
     ours = emb._encode_batch(texts)
+    # the mean itself, text by text in float64: each text's known token rows of the table
+    tok = emb.tokens
+    cut = tok.max_length * tok.median_token_length
+    mean = np.zeros((len(texts), emb.dim))
+    for k, text in enumerate(texts):
+        ids = [i for i in tok.tokenizer.encode(text[:cut], add_special_tokens=False).ids if i != tok.unk_token_id]
+        if ids:
+            mean[k] = np.asarray(emb._table, np.float64)[ids].mean(axis=0)
+    np.testing.assert_allclose(ours, _normalize(mean), atol=1e-6)
     theirs = _normalize(np.asarray(emb.model.encode(texts, use_multiprocessing=False), np.float32))
     np.testing.assert_allclose(ours, theirs, atol=2e-3)
     assert not ours[-4:-1].any() and np.linalg.norm(ours[-1]) > 0.99
