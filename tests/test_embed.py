@@ -306,11 +306,12 @@ def test_static_pooling_matches_model2vec_encode(model_cache_dir):
     # the mean itself, text by text in float64: each text's known token rows of the table
     tok = emb.tokens
     cut = tok.max_length * tok.median_token_length
+    table = np.asarray(emb._table, np.float64)
     mean = np.zeros((len(texts), emb.dim))
     for k, text in enumerate(texts):
         ids = [i for i in tok.tokenizer.encode(text[:cut], add_special_tokens=False).ids if i != tok.unk_token_id]
         if ids:
-            mean[k] = np.asarray(emb._table, np.float64)[ids].mean(axis=0)
+            mean[k] = table[ids].mean(axis=0)
     np.testing.assert_allclose(ours, _normalize(mean), atol=1e-6)
     theirs = _normalize(np.asarray(emb.model.encode(texts, use_multiprocessing=False), np.float32))
     np.testing.assert_allclose(ours, theirs, atol=2e-3)

@@ -588,8 +588,6 @@ def _mean_pool(
         return np.zeros((0, table.shape[1]), np.float32)
     import torch
 
-    # each text's rows summed by torch's embedding_bag, in float32 and in one pass over the
-    # ids, on this thread (see the docstring)
     offsets = torch.from_numpy(np.r_[0, np.cumsum(lengths)[:-1]])
     with serial_torch():
         sums = torch.nn.functional.embedding_bag(torch.from_numpy(flat), torch.from_numpy(table), offsets, mode="sum")
