@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -155,23 +157,29 @@ def score(out_dir: Path, group: np.ndarray, kinds: list[str]) -> dict[str, float
     }
 
 
-def run_stage(stage_in: Path, out: Path, cache: Path, **options) -> tuple[float, dict]:
-    import os
+def cpu_seconds() -> float:
+    """CPU seconds this process has used so far, all its threads (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
+
+def run_stage(stage_in: Path, out: Path, cache: Path, **options) -> tuple[float, dict]:
+    """(wall seconds, the manifest's extra), with the run's CPU seconds in ``extra["cpu_s"]``."""
     from prefcurate.stages.base import StageContext  # noqa: F401  (imported for side effects of registry)
     from prefcurate.stages.dedupe import DedupeConfig, DedupeStage
 
     os.environ["PREFCURATE_CACHE_DIR"] = str(cache)
-    started = time.perf_counter()
+    cpu, started = cpu_seconds(), time.perf_counter()
     manifest, _ = DedupeStage(DedupeConfig(**options)).run(stage_in, out, fresh=True)
-    return time.perf_counter() - started, manifest.extra
+    wall = time.perf_counter() - started
+    return wall, {**manifest.extra, "cpu_s": cpu_seconds() - cpu}
 
 
 def encode_only(model: str, stage_in: Path, cache: Path, device: str = "auto", library: bool = False):
-    """Seconds to embed the same texts with the same model, nothing else (no cache, no I/O):
-    through the embedder the stage uses, or with ``library`` through model2vec's own
-    ``StaticModel.encode`` (the static model's reference implementation, which the
-    embedder's pooling replaces)."""
+    """(seconds, texts, CPU seconds) to embed the same texts with the same model, nothing
+    else (no cache, no I/O): through the embedder the stage uses, or with ``library`` through
+    model2vec's own ``StaticModel.encode`` (the static model's reference implementation,
+    which the embedder's pooling replaces)."""
     from prefcurate.backends.embed import get_embedder
     from prefcurate.schema import render_text
 
@@ -186,31 +194,42 @@ def encode_only(model: str, stage_in: Path, cache: Path, device: str = "auto", l
             return embedder.model.encode(batch, use_multiprocessing=False, batch_size=len(batch))
         return embedder._encode_batch(batch)
 
-    started = time.perf_counter()
+    cpu, started = cpu_seconds(), time.perf_counter()
     for i in range(0, len(texts), bs):
         encode(texts[i : i + bs])
-    return time.perf_counter() - started, len(texts)
+    return time.perf_counter() - started, len(texts), cpu_seconds() - cpu
 
 
 def bench_size(n: int, model: str, work: Path, device: str = "auto", repeat: int = 3) -> None:
     """The stage on a fresh embedding cache and the encode-only baseline, ``repeat`` times
     interleaved (this VM's encoding speed drifts by +-10% from run to run, as much as the
     overhead being measured): the ratio is of the medians. ``in_run_ratio`` divides each
-    stage run by its own time inside the encoder (same texts, same moment, so no drift)."""
+    stage run by its own time inside the encoder (same texts, same moment, so no drift).
+
+    CPU seconds (all threads) split the overhead in two: work that encoding alone does not do
+    (``extra_cpu_s``: the stage's CPU seconds minus encoding's) and cores left idle
+    (``idle_core_s``: cores x wall seconds minus CPU seconds, per side). When encoding keeps
+    every core busy, only the first can shrink the ratio by being moved, the second by being
+    filled."""
     rows, group, kinds = make_rows(n)
     stage_in = write_stage(work / f"in-{n}", rows)
     cache = work / f"cache-{model}-{n}"
     get_model_ready(model, work)
     warm_imports(model, device, work)
-    totals, encodes, in_run = [], [], []
+    totals, encodes, in_run, cpus, enc_cpus, idle, enc_idle = [], [], [], [], [], [], []
+    cores = len(os.sched_getaffinity(0))
     for _ in range(repeat):
         shutil.rmtree(cache, ignore_errors=True)
         _share_models(work, cache)
         total, extra = run_stage(stage_in, work / f"out-{n}", cache, model=model, device=device)
-        enc, n_texts = encode_only(model, stage_in, cache, device)
+        enc, n_texts, enc_cpu = encode_only(model, stage_in, cache, device)
         totals.append(total)
         encodes.append(enc)
         in_run.append(total / extra["model_seconds"])
+        cpus.append(extra["cpu_s"])
+        enc_cpus.append(enc_cpu)
+        idle.append(cores * total - extra["cpu_s"])
+        enc_idle.append(cores * enc - enc_cpu)
     library = encode_only(model, stage_in, cache, device, library=True)[0] if model in ("static", "auto") else None
     quality = score(work / f"out-{n}", group, kinds)
     rerun, extra2 = run_stage(stage_in, work / f"out-{n}-b", cache, model=model, device=device, threshold=0.97)
@@ -232,6 +251,12 @@ def bench_size(n: int, model: str, work: Path, device: str = "auto", repeat: int
                 "encode_only_texts": n_texts,
                 "ratio_total_to_encode": round(total / enc, 3),
                 "in_run_ratio": round(float(np.median(in_run)), 3),
+                "cores": cores,
+                "stage_cpu_s": round(float(np.median(cpus)), 2),
+                "encode_only_cpu_s": round(float(np.median(enc_cpus)), 2),
+                "extra_cpu_s": round(float(np.median(np.subtract(cpus, enc_cpus))), 2),
+                "stage_idle_core_s": round(float(np.median(idle)), 2),
+                "encode_only_idle_core_s": round(float(np.median(enc_idle)), 2),
                 "model2vec_encode_only_s": library and round(library, 2),
                 "ratio_total_to_model2vec_encode": library and round(total / library, 3),
                 "search_s": extra.get("search_seconds"),
