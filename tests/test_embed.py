@@ -143,6 +143,30 @@ def test_deferred_adds_are_found_at_once_and_written_as_one_segment(tmp_path):
     assert len(list(root.glob("*.keys.npy"))) == 3
 
 
+def test_written_vectors_are_read_from_their_file_not_kept_in_memory(tmp_path):
+    """Once a segment is on disk, the cache reads its vectors from the file: a long run's
+    memory does not grow with every text it encodes. Shown by changing the file's bytes in
+    place after the write: a lookup sees the new values, which a copy in memory would not."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "c"
+    cache = EmbeddingCache(root, 4)
+    cache.defer = True
+    keys = rng.integers(0, 2**63, size=(20, 2), dtype=np.uint64)
+    vecs = rng.standard_normal((20, 4)).astype(np.float16)
+    cache.add(keys[:8], vecs[:8])
+    cache.add(keys[8:], vecs[8:])  # two adds, one segment file: each add's rows at their offset
+    cache.flush()
+    (path,) = root.glob("*.vecs.npy")
+    out = np.zeros((20, 4), np.float16)
+    assert cache.lookup(keys, out).all() and (out == vecs).all()
+    with open(path, "r+b") as f:  # the same file (inode) rewritten: what a memory map shows
+        f.seek(-vecs.nbytes, 2)
+        f.write((vecs * 2).tobytes())
+    out[:] = 0
+    assert cache.lookup(keys[::-1], out).all()
+    np.testing.assert_array_equal(out, (vecs * 2)[::-1])
+
+
 def test_only_a_distilled_static_model_loads_quietly(model_cache_dir, tmp_path):
     """What dedupe may load on a background thread: reading the distilled static model. A
     distill or a transformer load silences stderr process-wide, so they are not."""

@@ -275,15 +275,28 @@ class EmbeddingCache:
             self.flush()
 
     def flush(self) -> None:
-        """Write what was added since the last write, as one segment."""
+        """Write what was added since the last write, as one segment. From then on its
+        vectors are read from that file (a read-only memory map, as a segment found on
+        disk at open is), not held in memory: a long run's cache no longer grows the
+        process by 2 bytes per dimension per text encoded (a 1M-row dedupe encodes 1.5M
+        texts: 0.77 GB of its 4.85 GB peak). A hit is then a read from the page cache,
+        where the file was just written."""
         if not self._unsaved:
             return
         name = f"{time.time_ns():016x}-{uuid.uuid4().hex[:8]}"
         parts = self._unsaved
         self._write(f"{name}.vecs.npy", [self._vecs[k] for k in parts])
         self._write(f"{name}.keys.npy", [self._keys[k] for k in parts])
+        try:
+            mapped = np.load(self.root / f"{name}.vecs.npy", mmap_mode="r")
+        except (OSError, ValueError):  # merged away by another process already: keep the copy in memory
+            mapped = None
+        at = 0
         for k in parts:
             self._names[k] = name
+            if mapped is not None:
+                self._vecs[k] = mapped[at : at + len(self._keys[k])]
+            at += len(self._keys[k])
         self._unsaved, self._unsaved_texts = [], 0
 
     def _write(self, name: str, parts: list[np.ndarray]) -> None:
