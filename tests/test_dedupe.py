@@ -552,3 +552,33 @@ def test_the_join_operands_are_built_during_the_exact_pass(tmp_path):
     assert "operands built ahead" in resp.extra["index_detail"]
     assert kept_resp == kept_resp_flat and summary(rejects_resp) == summary(rejects_resp_flat)
     assert {"m7", "m4321"} <= {k for k, v in rejects_resp.items() if v["reject_reason"] == "contaminated"}
+
+
+@pytest.mark.slow
+def test_vectors_past_the_memory_budget_live_in_a_file_and_decide_the_same(tmp_path):
+    """With --vector-memory 0 the row vectors and the join's operands go to temporary files
+    (mapped), and every decision and similarity is what the in-memory run gives: with the
+    join's operands built during the pass, under --keep longest (a later copy re-read and
+    the rows reordered into new storage), and with exact search. The files have no name,
+    so nothing is left beside the output."""
+    rows = _many()
+
+    def summary(rej):
+        return {k: (v["reject_reason"], v["duplicate_of"], round(v["similarity"] or 0, 6)) for k, v in rej.items()}
+
+    for name, options in {
+        "ivf": {"index": "ivf", "drop_conflicts": True},
+        "long": {"index": "ivf", "keep": "longest"},
+        "flat": {"index": "flat"},
+    }.items():
+        before = {p.name for p in tmp_path.iterdir()}
+        spilled, kept, rejects = _run(tmp_path, rows, f"{name}-file", vector_memory=0, **options)
+        assert {p.name for p in tmp_path.iterdir()} - before == {f"{name}-file", f"in-{name}-file"}
+        in_memory, kept_mem, rejects_mem = _run(tmp_path, rows, f"{name}-mem", **options)
+        width = 3 * 256  # three parts of the static model
+        assert spilled.extra["vectors_in_file_bytes"] >= len(rows) * width * 2 > 0
+        assert "vectors_in_file_bytes" not in in_memory.extra
+        assert kept == kept_mem and summary(rejects) == summary(rejects_mem)
+        assert {"para-of-m10", "para-of-m2500", "para-of-m5000"} <= set(rejects)
+        assert spilled.fingerprint == in_memory.fingerprint  # where the vectors live decides nothing
+    assert "operands built ahead" in spilled.extra["index_detail"] or options["index"] == "flat"

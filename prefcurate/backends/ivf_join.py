@@ -8,6 +8,7 @@ module to one job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,12 +232,12 @@ class JoinOperands:
     early rows were not like the rest. The values do not depend on which thread filled a
     range: dedupe fills them with torch on one thread (``serial_torch``) in fixed chunks."""
 
-    def __init__(self, rows: int, width: int, bf16: bool) -> None:
-        import torch
-
+    def __init__(self, rows: int, width: int, bf16: bool, empty: Callable | None = None) -> None:
+        """``empty(shape, numpy dtype)``, when given, makes the table's storage (dedupe's
+        ``VectorStorage``: memory or a mapped file); else torch allocates it."""
         self.bf16 = bf16
         self.width = width
-        self.table = torch.empty((rows, width + 8), dtype=torch.bfloat16 if bf16 else torch.float32)
+        self.table = _table(rows, width + 8, bf16, empty)
         self.projection: Projection | None = None
 
     @classmethod
@@ -313,12 +314,19 @@ class JoinOperands:
         uniform = _kept_share(_f32(_sample(vectors, _CHECK_ROWS), scale), p_.proj)
         return uniform >= _FIT_SHARE * p_.held_out_share
 
-    def take(self, rows: np.ndarray) -> JoinOperands:
-        """The operands of ``rows`` (indices, or a boolean mask), in that order: a copy."""
+    def take(self, rows: np.ndarray, empty: Callable | None = None) -> JoinOperands:
+        """The operands of ``rows`` (indices, or a boolean mask), in that order: a copy (with
+        ``empty``, into storage it makes, a block of rows at a time)."""
         import torch
 
         rows = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows, np.int64)
-        return self._with(self.table.index_select(0, torch.from_numpy(rows)))
+        index = torch.from_numpy(rows)
+        if empty is None:
+            return self._with(self.table.index_select(0, index))
+        table = _table(len(rows), self.table.shape[1], self.bf16, empty)
+        for start, stop in _chunks(len(rows), _SEARCH_CHUNK):
+            table[start:stop] = self.table.index_select(0, index[start:stop])
+        return self._with(table)
 
     def head(self, n: int) -> JoinOperands:
         """The operands of the first ``n`` rows: a view."""
@@ -328,6 +336,18 @@ class JoinOperands:
         out = JoinOperands.__new__(JoinOperands)
         out.bf16, out.width, out.projection, out.table = self.bf16, self.width, self.projection, table
         return out
+
+
+def _table(rows: int, width: int, bf16: bool, empty: Callable | None):
+    """An uninitialized (rows, width) torch table, bfloat16 or float32, in storage from
+    ``empty(shape, numpy dtype)`` when given (bfloat16 as int16 storage: numpy has no
+    bfloat16, and a view keeps the bits)."""
+    import torch
+
+    if empty is None:
+        return torch.empty((rows, width), dtype=torch.bfloat16 if bf16 else torch.float32)
+    table = torch.from_numpy(empty((rows, width), np.int16 if bf16 else np.float32))
+    return table.view(torch.bfloat16) if bf16 else table
 
 
 def _cell_operands(ops, members_t, member_start: np.ndarray, cell: int, floor: float, bf16: bool):

@@ -123,6 +123,12 @@ class DedupeConfig(StageConfig):
         None, gt=0, le=1, description="Prompt cosine for contamination (default: --threshold)."
     )
     batch_size: int = Field(16_384, ge=1, description="Rows per batch read from the input.")
+    vector_memory: float | None = Field(
+        None,
+        ge=0,
+        description="GiB of RAM for the row vectors and the search's operands; past it they live in a "
+        "temporary file beside the output (default: half the memory available at the start).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DedupeConfig:
@@ -137,6 +143,7 @@ class DedupeConfig(StageConfig):
     def fingerprint_params(self) -> dict:
         params = self.model_dump(mode="json")
         params.pop("batch_size")
+        params.pop("vector_memory")  # where the vectors live, not what is decided
         params["against_files"] = files_fingerprint(self.against) if self.against else None
         return params
 

@@ -62,13 +62,21 @@ element) and twice the memory (1M rows x 3 parts x 256-d: 3 GB vs 1.5 GB). Fault
 fresh pages on this VM costs ~1.3 s a GB, so at 200k rows the fill took 1.35 s of the
 stage; the gather is a copy. The values are the cache's own, so a cached rerun still sees
 the same bits.
+
+Where the matrix (and the join's operands) live: in memory, or past ``--vector-memory``
+(default: half the memory available at the start) in unnamed temporary files beside the
+output, mapped (``VectorStorage``). Everything else the stage keeps is ~100 bytes a row, so
+these are what stops fitting first.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -121,6 +129,8 @@ class RowVectors:
         self.static_cpu = resolve_model(cfg.model, cfg.device) == ("static", "cpu")
         self._join_ahead = self.static_cpu and bool(parts) and _builds_join_ahead(cfg.index, n_rows)
         self._device, self._index = cfg.device, cfg.index
+        self._vector_memory = cfg.vector_memory
+        self.storage = VectorStorage(ctx.workdir, in_file=False)  # decided with the first batch (``_allocate``)
         self._join: JoinOperands | None = None
         self._join_next = 0  # slots handed to join tasks so far
         self._fit_lock = threading.Lock()
@@ -241,19 +251,8 @@ class RowVectors:
 
         embedder, count, slot = self.embedder, len(rows), self._slots
         dim = embedder.dim
-        if self.matrix is None:  # a slot per input row at most: provisional + re-read rows <= rows
-            self.matrix = np.empty((max(1, self.n_rows), len(self.names) * dim), np.float16)
-            if self._join_ahead:
-                from prefcurate.backends.index import FILTER_DIM, join_precision, resolve_index_device, uses_cpu_join
-                from prefcurate.backends.ivf_join import JoinOperands
-
-                width = self.n_parts * dim
-                # GPU FAISS searches without them; "cuda" is not resolved here, as without a GPU
-                # it is the search's error to raise
-                where = "cuda" if self._device == "cuda" else resolve_index_device(self._device)
-                if uses_cpu_join(self.n_rows, width, where, self._index):
-                    bf16 = join_precision() == "bf16"
-                    self._join = JoinOperands(self.matrix.shape[0], min(width, FILTER_DIM), bf16)
+        if self.matrix is None:
+            self._allocate(dim)
         columns = prepared or dict(zip(self.names, part_columns(batch, self.names), strict=True))
         which = None if count == batch.num_rows else rows
         for k, name in enumerate(self.names):
@@ -263,6 +262,36 @@ class RowVectors:
             with serial_torch():
                 block.copy_(torch.from_numpy(vecs).index_select(0, torch.from_numpy(inverse.astype(np.int64))))
         self._slots += count
+
+    def _allocate(self, dim: int) -> None:
+        """The matrix, a slot per input row at most (provisional + re-read rows <= rows), and
+        the join's operands when they are built during the pass: in memory, or in temporary
+        files when together they would pass the budget (``VectorStorage``)."""
+        rows, width = max(1, self.n_rows), self.n_parts * dim
+        need = rows * len(self.names) * dim * 2
+        join = None
+        if self._join_ahead:
+            from prefcurate.backends.index import FILTER_DIM, join_precision, resolve_index_device, uses_cpu_join
+
+            # GPU FAISS searches without them; "cuda" is not resolved here, as without a GPU
+            # it is the search's error to raise
+            where = "cuda" if self._device == "cuda" else resolve_index_device(self._device)
+            if uses_cpu_join(self.n_rows, width, where, self._index):
+                bf16 = join_precision() == "bf16"
+                join = (min(width, FILTER_DIM), bf16)
+                need += rows * (join[0] + 8) * (2 if bf16 else 4)
+        budget = memory_budget(self._vector_memory)
+        self.storage = VectorStorage(self._ctx.workdir, in_file=need > budget)
+        self.matrix = self.storage.empty((rows, len(self.names) * dim), np.float16)
+        if join is not None:
+            from prefcurate.backends.ivf_join import JoinOperands
+
+            self._join = JoinOperands(rows, *join, empty=self.storage.empty)
+        if self.storage.in_file:
+            self._ctx.progress.note(
+                f"dedupe: row vectors ({need / 2**30:.1f} GiB) in a temporary file under {self.storage.directory}: "
+                f"past {budget / 2**30:.1f} GiB of memory (--vector-memory)"
+            )
 
     # -- after the exact pass --------------------------------------------------------------
     def finish(
@@ -289,6 +318,8 @@ class RowVectors:
         # hashing and embedding are one pass now: their wall time together, the model load included
         self._ctx.extra["hash_and_embed_seconds"] = round(time.perf_counter() - self._started, 3)
         matrix, join = self._in_order(src)
+        if self.storage.in_file:
+            self._ctx.extra["vectors_in_file_bytes"] = self.storage.bytes
         dim = embedder.dim
         prompt = None
         if self.need_prompt:
@@ -329,7 +360,59 @@ class RowVectors:
                     if join is not None:
                         join.table[lo : lo + len(part)] = join.table.index_select(0, torch.from_numpy(part))
             return self.matrix[: len(src)], join.head(len(src)) if join is not None else None
-        return self.matrix[src], join.take(src) if join is not None else None
+        if not self.storage.in_file:
+            return self.matrix[src], join.take(src) if join is not None else None
+        out = self.storage.empty((len(src), self.matrix.shape[1]), np.float16)
+        for lo in range(0, len(src), 8192):  # a chunk at a time: no (rows x width) temporary in memory
+            out[lo : lo + 8192] = self.matrix[src[lo : lo + 8192]]
+        return out, join.take(src, empty=self.storage.empty) if join is not None else None
+
+
+def memory_budget(gib: float | None) -> float:
+    """Bytes the row vectors and the join's operands may take in memory: ``gib`` GiB, or by
+    default half the memory the machine has available now (Linux ``MemAvailable``, else half
+    its physical memory)."""
+    if gib is not None:
+        return gib * 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 2
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    except (AttributeError, ValueError, OSError):
+        return float("inf")
+
+
+class VectorStorage:
+    """Where dedupe's per-row arrays live (the row vectors: 1.5 GB per million rows with the
+    static model and ``--on pair``; the join's operands: 0.5 GB more): in memory, or, past
+    the budget (``memory_budget``), each in a temporary file under ``directory`` (the run's
+    working directory, beside the output), mapped into memory. The file has no name (it is
+    unlinked at once), so it goes when its array does, and a crash leaves nothing behind.
+
+    Why: everything else dedupe keeps grows by ~100 bytes a row, so at 10M rows these arrays
+    (~20 GB) are what does not fit. Mapped, their pages are the page cache's, which the
+    kernel writes out and drops under pressure, where anonymous memory would be swapped or
+    killed. The search reads them a cell at a time, so most reads stay near one another.
+    Below the budget they stay plain arrays: a mapped file's dirty pages are written back to
+    disk as the pass fills them, work that a run which fits has no reason to pay."""
+
+    def __init__(self, directory: Path, in_file: bool) -> None:
+        self.directory, self.in_file = Path(directory), in_file
+        self.bytes = 0
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialized array (a zero-filled one when in a file)."""
+        if not self.in_file or 0 in shape:
+            return np.empty(shape, dtype)
+        with tempfile.TemporaryFile(dir=self.directory, prefix=".prefcurate-vectors-") as f:
+            out = np.memmap(f, dtype=dtype, mode="w+", shape=shape)  # the map keeps the file open
+        self.bytes += out.nbytes
+        return out
 
 
 def _builds_join_ahead(index: str, n_rows: int) -> bool:
