@@ -132,13 +132,12 @@ def test_custom_template_and_verdict_patterns(tmp_path):
             stage_dir(tmp_path, pairs), tmp_path / "out", server,
             template=template, verdict_a=r"Output \(a\)", verdict_b=r"Output \(b\)", verdict_tie="(?i)tie",
         )  # fmt: skip
-    first = server.requests[0].body
-    assert "response_format" not in first  # JSON mode is off for a user template
-    expected = template.read_text().rstrip("\n").replace("{{ prompt }}", "User: " + pairs[0]["prompt"])
-    expected = expected.replace("{{ response_a }}", pairs[0]["chosen"]).replace(
-        "{{ response_b }}", pairs[0]["rejected"]
-    )
-    assert first["messages"] == [{"role": "user", "content": expected}]
+    bodies = [r.body for r in server.requests]  # in the order they arrived, which concurrency decides
+    assert all("response_format" not in body for body in bodies)  # JSON mode is off for a user template
+    prompt = template.read_text().rstrip("\n").replace("{{ prompt }}", "User: " + pairs[0]["prompt"])
+    for a, b in (("chosen", "rejected"), ("rejected", "chosen")):  # the pair in both orders, as written
+        expected = prompt.replace("{{ response_a }}", pairs[0][a]).replace("{{ response_b }}", pairs[0][b])
+        assert [{"role": "user", "content": expected}] in [body["messages"] for body in bodies]
     assert [r["judge_pref"] for r in rows] == [1.0] * 4
     assert rows[0]["judge_votes"] == ["A", "B"]
 
