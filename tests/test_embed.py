@@ -112,6 +112,15 @@ def test_cache_merges_small_segments_without_losing_a_vector(tmp_path):
     np.testing.assert_array_equal(out[:60], vecs[::-1])
 
 
+def _deferred_cache(tmp_path, rng, n: int):
+    """(root, a 4-d cache there with ``defer`` set, n random keys, their random vectors)."""
+    root = tmp_path / "c"
+    cache = EmbeddingCache(root, 4)
+    cache.defer = True
+    keys = rng.integers(0, 2**63, size=(n, 2), dtype=np.uint64)
+    return root, cache, keys, rng.standard_normal((n, 4)).astype(np.float16)
+
+
 def test_deferred_adds_are_found_at_once_and_written_as_one_segment(tmp_path):
     """With ``defer``, adds below the checkpoint size stay in memory (lookups see them) until
     flush or close writes them, together, as one segment; an add that reaches it is written
@@ -119,11 +128,7 @@ def test_deferred_adds_are_found_at_once_and_written_as_one_segment(tmp_path):
     from prefcurate.backends.embed import _CHECKPOINT_TEXTS
 
     rng = np.random.default_rng(2)
-    root = tmp_path / "c"
-    cache = EmbeddingCache(root, 4)
-    cache.defer = True
-    keys = rng.integers(0, 2**63, size=(30, 2), dtype=np.uint64)
-    vecs = rng.standard_normal((30, 4)).astype(np.float16)
+    root, cache, keys, vecs = _deferred_cache(tmp_path, rng, 30)
     for k in range(0, 30, 10):
         cache.add(keys[k : k + 10], vecs[k : k + 10])
     out = np.zeros((30, 4), np.float16)
@@ -147,12 +152,7 @@ def test_written_vectors_are_read_from_their_file_not_kept_in_memory(tmp_path):
     """Once a segment is on disk, the cache reads its vectors from the file: a long run's
     memory does not grow with every text it encodes. Shown by changing the file's bytes in
     place after the write: a lookup sees the new values, which a copy in memory would not."""
-    rng = np.random.default_rng(3)
-    root = tmp_path / "c"
-    cache = EmbeddingCache(root, 4)
-    cache.defer = True
-    keys = rng.integers(0, 2**63, size=(20, 2), dtype=np.uint64)
-    vecs = rng.standard_normal((20, 4)).astype(np.float16)
+    root, cache, keys, vecs = _deferred_cache(tmp_path, np.random.default_rng(3), 20)
     cache.add(keys[:8], vecs[:8])
     cache.add(keys[8:], vecs[8:])  # two adds, one segment file: each add's rows at their offset
     cache.flush()
