@@ -581,4 +581,5 @@ def test_vectors_past_the_memory_budget_live_in_a_file_and_decide_the_same(tmp_p
         assert kept == kept_mem and summary(rejects) == summary(rejects_mem)
         assert {"para-of-m10", "para-of-m2500", "para-of-m5000"} <= set(rejects)
         assert spilled.fingerprint == in_memory.fingerprint  # where the vectors live decides nothing
-    assert "operands built ahead" in spilled.extra["index_detail"] or options["index"] == "flat"
+        if options["index"] == "ivf":  # the join's operands were in a file too
+            assert "operands built ahead" in spilled.extra["index_detail"]
