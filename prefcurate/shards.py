@@ -173,6 +173,11 @@ class ShardWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: list[Future[None]] = []
 
+    @property
+    def started(self) -> bool:
+        """Whether a batch (even an empty one) has fixed the shards' schema."""
+        return self._schema is not None
+
     def write(self, data: pa.Table | pa.RecordBatch) -> None:
         table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
         if table.num_rows == 0 and self._schema is not None:
@@ -335,6 +340,34 @@ class Manifest:
             return None
 
 
+def check_output_dir(output: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """The resolved output directory, or an ``InputError`` when writing it could lose data.
+
+    A stage replaces its output directory whole (``StageOutput.commit``), so it refuses one
+    that holds anything but an earlier prefcurate stage (a non-empty directory without a
+    manifest, or a file), the current directory or one above it (``-o .``), and one that is,
+    contains or lies inside any of ``inputs`` (``ingest data -o data`` deleted the input;
+    ``ingest data -o data/out`` read its own output on the next run)."""
+    out = Path(output).expanduser().resolve()
+    hint = "name a new directory, or an earlier output of a prefcurate stage"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{output}: exists and is not a directory", hint)
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise InputError(f"{output or '.'}: the output would replace the current directory", hint)
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise InputError(
+            f"{output}: not empty and not a prefcurate stage directory (no {MANIFEST}); it would be replaced",
+            f"{hint}, or empty it yourself",
+        )
+    for given in inputs:
+        path = Path(given).expanduser().resolve()
+        if path == out or path in out.parents or out in path.parents:
+            what = "is" if path == out else "is inside" if path in out.parents else "contains"
+            raise InputError(f"{output}: the output {what} the input {given}", hint)
+    return out
+
+
 class StageOutput:
     """A stage directory being written: data and rejects writers in a temporary directory.
 
@@ -399,6 +432,7 @@ def write_stage_dir(
     content in the fingerprint (row count and stage name are always part of it)."""
     from prefcurate import __version__
 
+    check_output_dir(directory)
     out = StageOutput(directory, rows_per_shard)
     rows = 0
     try:

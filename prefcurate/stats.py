@@ -189,8 +189,15 @@ def compute_stats(directory: str | Path, unit: str = "words") -> dict[str, Any]:
     floats = [f.name for f in schema if pa.types.is_floating(f.type)]
     acc = FigureAccumulator(schema, unit=unit, float_ranges=float_ranges(files, floats))
     wanted = [*acc.text, *acc.floats, *(c for c in ("source", "tie", "label") if c in schema.names)]
-    for batch in iter_file_batches(files, wanted):
-        acc.add(batch)
+    for path in files:
+        for batch in iter_file_batches([path], wanted):
+            missing = [c for c in wanted if c not in batch.schema.names]
+            if missing:  # a loose directory mixing datasets (shards of one stage share a schema)
+                raise DataError(
+                    f"no column {', '.join(missing)}, which {files[0].name} has: one dataset's files at a time",
+                    file=str(path),
+                )
+            acc.add(batch)
     figures: dict[str, Any] = {
         "directory": str(directory),
         "stage": manifest.stage if manifest else None,

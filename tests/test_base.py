@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pydantic import Field
 
-from prefcurate.errors import StageFailed
+from prefcurate.errors import InputError, StageFailed
 from prefcurate.shards import Manifest, count_rows, read_table
 from prefcurate.stages.base import BatchResult, Stage, StageConfig, split
 from tests.conftest import hh_rows, make_stage_dir
@@ -110,3 +112,56 @@ def test_a_crash_keeps_the_previous_output_and_leaves_no_temp(pairs_dir, tmp_pat
         Crashes(ShortFilterConfig()).run(pairs_dir, tmp_path / "out")
     assert count_rows(tmp_path / "out") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_an_output_that_would_lose_data_is_refused(pairs_dir, tmp_path, monkeypatch):
+    run = ShortFilter(ShortFilterConfig(max_chars=250)).run
+    thesis = tmp_path / "notes" / "thesis.txt"
+    thesis.parent.mkdir()
+    thesis.write_text("years of work")
+    (tmp_path / "file.txt").write_text("x")
+    shutil.copytree(pairs_dir, tmp_path / "outer")  # an earlier stage output...
+    nested = tmp_path / "outer" / "in"  # ...holding the input
+    shutil.copytree(pairs_dir, nested)
+    refused = {
+        tmp_path / "notes": "not a prefcurate stage directory",  # a directory with other files
+        tmp_path / "file.txt": "not a directory",
+        pairs_dir: "output is the input",
+        pairs_dir / "sub": "output is inside the input",
+        tmp_path / "outer": "output contains the input",
+    }
+    for out, message in refused.items():
+        with pytest.raises(InputError, match=message):
+            run(nested if out == tmp_path / "outer" else pairs_dir, out)
+    monkeypatch.chdir(tmp_path / "notes")
+    for out in (".", "", ".."):
+        with pytest.raises(InputError, match="replace the current directory"):
+            run(pairs_dir, out)
+    assert thesis.read_text() == "years of work" and (tmp_path / "file.txt").read_text() == "x"
+    assert sorted(p.name for p in (pairs_dir).iterdir()) == ["data", "manifest.json"]
+    # an empty directory and an earlier stage output are fine
+    (tmp_path / "empty").mkdir()
+    run(pairs_dir, tmp_path / "empty")
+    assert count_rows(tmp_path / "empty") > 0
+    _, skipped = ShortFilter(ShortFilterConfig(max_chars=100)).run(pairs_dir, tmp_path / "empty")
+    assert not skipped
+
+
+def test_a_stage_that_meets_no_row_still_writes_its_schema(tmp_path):
+    empty = make_stage_dir(tmp_path / "in", [])
+    manifest, _ = ShortFilter(ShortFilterConfig()).run(empty, tmp_path / "out")
+    assert manifest.rows_in == manifest.rows_out == 0
+    assert pq.read_schema(next((tmp_path / "out" / "data").glob("*.parquet"))).names == read_table(empty).column_names
+
+
+def test_non_canonical_input_is_a_one_line_error_not_a_crash(tmp_path):
+    from prefcurate.shards import write_stage_dir
+
+    as_text = pa.table({"id": ["a"], "prompt": ["p"], "chosen": ["c"], "rejected": ["r"]})  # an export's layout
+    write_stage_dir(tmp_path / "trl", [as_text], stage="export")
+    with pytest.raises(InputError, match="column chosen is string, not the canonical list"):
+        ShortFilter(ShortFilterConfig()).run(tmp_path / "trl", tmp_path / "out")
+    write_stage_dir(tmp_path / "kto", [as_text.drop_columns(["chosen", "rejected"])], stage="export")
+    with pytest.raises(InputError, match="needs column"):
+        ShortFilter(ShortFilterConfig()).run(tmp_path / "kto", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kto", "trl"]  # nothing written, no temp left

@@ -74,3 +74,17 @@ def test_the_readme_options_reference_is_the_generated_one():
         "--revision",
     ):
         assert f"`{option}`" in current
+
+
+def test_an_empty_input_flows_on_and_an_unsafe_output_is_refused(cli, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert cli("ingest", tmp_path / "empty.jsonl", "-o", tmp_path / "e").exit_code == 0
+    assert list((tmp_path / "e" / "data").glob("*.parquet"))  # the schema, for the stages after it
+    after = cli("filter", tmp_path / "e", "-o", tmp_path / "f", "--drop-ties")
+    assert after.exit_code == 0, after.stderr
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    refused = cli("ingest", tmp_path / "empty.jsonl", "-o", tmp_path / "notes")
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "not a prefcurate stage directory" in refused.stderr
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"

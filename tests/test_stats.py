@@ -257,3 +257,15 @@ def test_ingest_output_and_its_rejects(tmp_path: Path) -> None:
     assert ingest["reasons"] == manifest.reject_reasons and ingest["total"] == 2
     loose = compute_stats(tmp_path / "ingested" / "rejects")
     assert loose["rows"] == 2 and "raw" in loose["columns"] and loose["lengths"] == {}
+
+
+def test_a_loose_directory_mixing_datasets_is_one_line_error(cli, tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "a.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    (loose / "b.jsonl").write_text(json.dumps({"chosen": "Human: hi Assistant: a", "rejected": "x"}) + "\n")
+    result = cli("stats", loose)
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "b.jsonl" in result.stderr and "prompt" in result.stderr
+    (loose / "b.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "c", "rejected": "d"}) + "\n")
+    assert compute_stats(loose)["rows"] == 2

@@ -25,12 +25,13 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
 from prefcurate import __version__
-from prefcurate.errors import StageFailed
-from prefcurate.schema import REJECT_REASON, REJECT_STAGE
+from prefcurate.errors import InputError, StageFailed
+from prefcurate.schema import REJECT_REASON, REJECT_STAGE, SCHEMA
 from prefcurate.shards import (
     DEFAULT_BATCH_ROWS,
     Manifest,
     StageOutput,
+    check_output_dir,
     count_rows,
     fingerprint,
     iter_batches,
@@ -192,6 +193,36 @@ def split(
     return BatchResult(kept, rejected)
 
 
+def check_canonical(source: StageInput, needed: set[str], stage: str) -> None:
+    """An ``InputError`` when ``source`` lacks a canonical column the stage needs, or holds
+    one with another type: an export directory (TRL, OpenRLHF or KTO layout, prompts as
+    text) or other outside data used as a stage input crashed deep in the stage instead."""
+    hint = "give a prefcurate stage directory; other data (an export, a TRL dataset) goes through `prefcurate ingest`"
+    names = set(source.columns)
+    missing = sorted(c for c in needed & set(SCHEMA.names) if c not in names)
+    if missing:
+        raise InputError(f"{source.dir}: {stage} needs column(s) {', '.join(missing)}, which it lacks", hint)
+    assert source.schema is not None or not names
+    for name in sorted(needed & set(SCHEMA.names)):
+        have, want = source.schema.field(name).type, SCHEMA.field(name).type
+        if not _same_shape(have, want):
+            raise InputError(f"{source.dir}: column {name} is {have}, not the canonical {want}", hint)
+
+
+def _same_shape(have: pa.DataType, want: pa.DataType) -> bool:
+    """Equal up to list-item names, string widths, struct field order and nullability."""
+    if pa.types.is_string(want) or pa.types.is_large_string(want):
+        return pa.types.is_string(have) or pa.types.is_large_string(have)
+    if pa.types.is_list(want) or pa.types.is_large_list(want):
+        return (pa.types.is_list(have) or pa.types.is_large_list(have)) and _same_shape(
+            have.value_type, want.value_type
+        )
+    if pa.types.is_struct(want):
+        fields = {f.name: f.type for f in have} if pa.types.is_struct(have) else {}
+        return set(fields) == {f.name for f in want} and all(_same_shape(fields[f.name], f.type) for f in want)
+    return have == want
+
+
 class Stage:
     """Base of every stage. Subclasses set ``name`` and ``config_cls`` and implement
     ``process_batch`` (row-wise) or ``process`` (global)."""
@@ -223,6 +254,16 @@ class Stage:
     def manifest_params(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
 
+    def empty_output(self, source: StageInput | None) -> pa.Table | None:
+        """The (empty) data written when the stage produced no batch at all: the input's
+        columns (a stage that adds columns and met no row cannot say their types)."""
+        return source.schema.empty_table() if source is not None and source.schema is not None else None
+
+    def input_paths(self) -> list[Path]:
+        """Local files or directories the stage reads besides its input directory (ingest's
+        sources, dedupe's evaluation sets): the output may neither be nor hold nor lie in one."""
+        return []
+
     def open_output(self, output_dir: str | Path, rows_per_shard: int | None = None) -> StageOutput:
         """Where the run writes. A stage with its own on-disk layout (export: Hub-style files)
         returns a ``StageOutput`` subclass; the base's counting and manifest stay the same."""
@@ -241,7 +282,10 @@ class Stage:
         engine: Engine | None = None,
     ) -> tuple[Manifest, bool]:
         """Run the stage from ``input_dir`` into ``output_dir``; returns (manifest, skipped)."""
+        check_output_dir(output_dir, [*([input_dir] if input_dir is not None else []), *self.input_paths()])
         source = StageInput(input_dir) if input_dir is not None else None
+        if source is not None:
+            check_canonical(source, self.config.requires(), self.name)
         in_fp = self.input_fingerprint(source)
         out_fp = fingerprint(self.name, __version__, in_fp, self.config.fingerprint_params())
         previous = Manifest.try_load(output_dir)
@@ -258,6 +302,10 @@ class Stage:
             # An engine (prefcurate.engines) may run process_batch elsewhere; the base still drains.
             results = engine.process(self, source, ctx) if engine is not None else self.process(source, ctx)
             counts = self._drain(results, output)
+            if not output.data.started:  # nothing came out (an empty input): data/ still has the schema
+                empty = self.empty_output(source)
+                if empty is not None:
+                    output.data.write(empty)
         except BaseException:
             output.abort()
             raise
@@ -279,7 +327,11 @@ class Stage:
             extra=ctx.extra,
             lineage=list(source.manifest.lineage) if source is not None else [],
         )
-        output.commit(manifest)
+        try:
+            output.commit(manifest)
+        except BaseException:
+            output.abort()
+            raise
         return manifest, False
 
     def _drain(self, results: Iterator[BatchResult], output: StageOutput) -> tuple[int, int, int, dict[str, int]]:

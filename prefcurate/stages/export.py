@@ -7,6 +7,8 @@ Layouts (``--format``):
   ``Role: content`` block per message joined by blank lines (``schema.render_transcript``),
   ending with ``"\\n\\nAssistant:"`` so the model sees where its reply starts.
   ``chosen``/``rejected`` are the assistant contents (several messages joined by blank lines).
+  An empty prompt (no messages: an implicit-prompt pair with no shared prefix) is ``""``,
+  whatever the other rows of its batch hold (``layout_rows``).
 - ``trl-chat``: TRL's conversational format: ``prompt``, ``chosen``, ``rejected`` as
   ``[{role, content}]`` lists (lossless; the default).
 - ``openrlhf``: OpenRLHF's reward-model / DPO layout: ``chosen`` and ``rejected`` are whole
@@ -216,6 +218,11 @@ class HubDatasetWriter:
         self.splits = {
             s: _SplitFiles(self.directory, s, self.config.to, self.config.shard_rows, self.schema) for s in SPLITS
         }
+
+    @property
+    def started(self) -> bool:
+        """``ShardWriter.started``: whether the layout's schema is fixed."""
+        return self.schema is not None
 
     def write(self, pairs: pa.Table | pa.RecordBatch) -> None:
         pairs = as_table(pairs)
