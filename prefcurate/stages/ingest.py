@@ -6,8 +6,12 @@ several, for rated completions: ``ingest_ratings``) or a reject with a reason. P
 rows take a vectorized Arrow path (``ingest_fast``) with the same ids and reasons as the
 per-row path.
 
-Ingest rejects keep the raw input row as a JSON string (``raw``), with ``source`` and the 1-based
-``source_row``, because a row that could not be read does not fit the canonical schema.
+Ingest rejects keep the raw input row (``raw``): a JSON Lines row as its line, exactly as written;
+other rows as JSON. With it go ``source`` and the 1-based ``source_row``, because a row that could
+not be read does not fit the canonical schema. A row holding text that is not valid Unicode (a
+lone surrogate such as ``"\\udc00"``, invalid UTF-8 in a Parquet string) is rejected as
+``undecodable:<field>``, as a line that is not a JSON object is ``undecodable``: such text cannot
+be hashed or written.
 ``rows_in`` counts what came out: pairs produced plus records rejected; the records read per
 file are in the manifest's ``extra.records_read``.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from prefcurate.errors import DataError
@@ -103,6 +109,12 @@ class IngestStage(Stage):
     takes_input: ClassVar[bool] = False
     config: IngestConfig
 
+    def empty_output(self, source: StageInput | None) -> pa.Table:
+        return SCHEMA.empty_table()
+
+    def input_paths(self) -> list[Path]:
+        return [Path(s) for s in self.config.sources if not s.startswith(HUB_PREFIX)]
+
     def input_fingerprint(self, source: StageInput | None) -> str:
         local = [s for s in self.config.sources if not s.startswith(HUB_PREFIX)]
         hub = [s for s in self.config.sources if s.startswith(HUB_PREFIX)]
@@ -141,19 +153,20 @@ class IngestStage(Stage):
     # -- one chunk ------------------------------------------------------------------------
     def _detect(self, src: Source, chunk: RawChunk) -> Layout:
         mapping = self._renames(_columns(chunk), src)
+        # Detection looks at a column's first non-empty value: a file may well start with a
+        # row whose chosen is "" (a reject), and its format is in the rows after it.
         if chunk.table is not None:
             table = _rename_table(chunk.table, mapping)
             columns = table.column_names
 
             def first(name: str) -> Any:
-                col = table[name].drop_null()
-                return col[0].as_py() if len(col) else None
+                return _first_filled(table[name])
         else:
             records = [_rename_record(r, mapping) for r in chunk.records or []]
             columns = sorted({k for r in records for k in r})
 
             def first(name: str) -> Any:
-                return next((r[name] for r in records if r.get(name) is not None), None)
+                return _first_filled_value(r.get(name) for r in records)
 
         forced = None if self.config.format == "auto" else self.config.format
         return detect(columns, first, forced, src.name)
@@ -170,9 +183,12 @@ class IngestStage(Stage):
 
     def _chunk(self, src: Source, chunk: RawChunk, layout: Layout | None) -> BatchResult:
         rejects = _Rejects(src.name)
-        for row, text in chunk.undecodable:
-            self._problem(src, row, RowProblem("undecodable"))
-            rejects.add(text, row, "undecodable")
+        if self.config.strict and chunk.undecodable:
+            self._strict_before_undecodable(src, chunk, layout)
+        for row, text, field in chunk.undecodable:
+            problem = RowProblem("undecodable", field)
+            self._problem(src, row, problem)
+            rejects.add(text, row, problem.label)
         if layout is None or not chunk.num_rows:
             return BatchResult(SCHEMA.empty_table(), rejects.table())
         mapping = {column: name for name, column in self.config.map.items()}
@@ -183,26 +199,49 @@ class IngestStage(Stage):
             records = chunk.table.to_pylist()
         else:
             records = chunk.records or []
+        # Strings Arrow made are valid UTF-8; ones json.loads made from a surrogate escape may
+        # hold a lone surrogate (the reader flags such chunks: a scan of the raw text is cheaper).
+        check_text = chunk.table is None and chunk.surrogate_escapes
         rows = _Rows()
         normalize = self._normalizer(layout)
-        for record, row in zip(records, chunk.rows, strict=True):
+        for i, (record, row) in enumerate(zip(records, chunk.rows, strict=True)):
             mapped_record = _rename_record(record, mapping)
             try:
+                bad = _bad_text_field(mapped_record) if check_text else None
+                if bad is not None:
+                    raise RowProblem("undecodable", bad)
                 pairs = normalize(mapped_record, layout)
             except RowProblem as problem:
                 self._problem(src, row, problem)
-                rejects.add(_dump(record), row, problem.label)
+                rejects.add(chunk.raw(i) or _dump(record), row, problem.label)
                 continue
             rows.add(pairs, mapped_record.get("id"), _given_ratings(mapped_record))
         return BatchResult(rows.table(src.name), rejects.table())
+
+    def _strict_before_undecodable(self, src: Source, chunk: RawChunk, layout: Layout | None) -> None:
+        """--strict stops at the first bad row in file order: check the rows before the first
+        undecodable one (rows are in file order) before that one is reported."""
+        first = min((u[0] for u in chunk.undecodable if u[0] is not None), default=None)
+        if first is None or layout is None:
+            return
+        k = next((i for i, row in enumerate(chunk.rows) if row is None or row > first), chunk.num_rows)
+        if k:
+            head = RawChunk(
+                rows=chunk.rows[:k],
+                table=chunk.table.slice(0, k) if chunk.table is not None else None,
+                records=chunk.records[:k] if chunk.records is not None else None,
+                lines=chunk.lines,
+            )
+            self._chunk(src, head, layout)  # raises at a bad row
 
     def _fast(self, src: Source, chunk: RawChunk, mapped: pa.Table, rejects: _Rejects) -> BatchResult:
         reasons = ingest_fast.row_reasons(mapped)
         if reasons is not None:
             bad = np.flatnonzero(np.not_equal(reasons, None))
             self._problem(src, chunk.rows[bad[0]], _problem_of(reasons[bad[0]]))
-            for i, record in zip(bad.tolist(), chunk.table.take(pa.array(bad)).to_pylist(), strict=True):  # type: ignore[union-attr]
-                rejects.add(_dump(record), chunk.rows[i], reasons[i])
+            for i in bad.tolist():
+                raw = chunk.raw(i) or _dump(chunk.table.slice(i, 1).to_pylist()[0])  # type: ignore[union-attr]
+                rejects.add(raw, chunk.rows[i], reasons[i])
             mapped = mapped.filter(pa.array(np.equal(reasons, None)))
         cols = ingest_fast.canonical_columns(mapped)
         n = mapped.num_rows
@@ -225,7 +264,7 @@ class IngestStage(Stage):
     def _problem(self, src: Source, row: int | None, problem: RowProblem) -> None:
         if self.config.strict:
             raise DataError(
-                problem.reason.replace("-", " "),
+                _message(problem, src),
                 file=src.name,
                 row=row,
                 field=problem.field,
@@ -276,6 +315,16 @@ def in_background(results: Iterator[BatchResult], depth: int = 2) -> Iterator[Ba
         worker.join()
 
 
+def _message(problem: RowProblem, src: Source) -> str:
+    if problem.reason != "undecodable":
+        return problem.reason.replace("-", " ")
+    if problem.field is not None:
+        return "undecodable: text that is not valid Unicode (a lone surrogate or bad UTF-8)"
+    if src.kind == "csv":
+        return "undecodable: a row with the wrong number of fields"
+    return "undecodable: not a JSON object, or not UTF-8 text"
+
+
 def _problem_of(label: str) -> RowProblem:
     reason, _, field = label.partition(":")
     return RowProblem(reason, field or None)
@@ -317,6 +366,60 @@ def _dump(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
 
+def _first_filled(column: pa.ChunkedArray) -> Any:
+    """The first non-null, non-blank value of a column (else its first non-null value)."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        # No Python scalar in compute calls: wrapping one imports pandas (~0.2 s).
+        filled = pc.indices_nonzero(pc.invert(pc.match_substring_regex(column, ingest_fast.BLANK)))
+        if len(filled):
+            return column[filled[0].as_py()].as_py()
+        column = column.drop_null()
+        return column[0].as_py() if len(column) else None
+    return _first_filled_value(v.as_py() for v in column.drop_null())
+
+
+def _first_filled_value(values: Iterator[Any]) -> Any:
+    fallback = None
+    for value in values:
+        if value is None:
+            continue
+        blank = not value.strip() if isinstance(value, str) else isinstance(value, list | dict) and not value
+        if not blank:
+            return value
+        if fallback is None:
+            fallback = value
+    return fallback
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad_text_field(record: dict[str, Any]) -> str | None:
+    """The first field of a row decoded by json.loads whose key or value holds a lone surrogate
+    (from an escape like "\\udc00": not Unicode text, so it cannot be hashed or written)."""
+    for key, value in record.items():
+        if not key.isascii() and _SURROGATE.search(key):
+            return _printable(key)
+        if not _valid_text(value):
+            return key
+    return None
+
+
+def _valid_text(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.isascii() or not _SURROGATE.search(value)
+    if isinstance(value, list):
+        return all(_valid_text(v) for v in value)
+    if isinstance(value, dict):
+        return all(_valid_text(k) and _valid_text(v) for k, v in value.items())
+    return True
+
+
+def _printable(text: str) -> str:
+    """Text with lone surrogates written as ``\\udXXX`` escapes (as JSON would), so it can be stored."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _Rows:
     """Canonical rows collected column by column on the per-row path."""
 
@@ -353,7 +456,7 @@ class _Rejects:
         self.reasons: list[str] = []
 
     def add(self, raw: str, row: int | None, reason: str) -> None:
-        self.raw.append(raw)
+        self.raw.append(raw if raw.isascii() or not _SURROGATE.search(raw) else _printable(raw))
         self.rows.append(row)
         self.reasons.append(reason)
 

@@ -22,7 +22,7 @@ from prefcurate.schema import MESSAGE, MESSAGES, pair_id
 _FIELDS = ("prompt", "chosen", "rejected")
 _STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 # What Python's str.isspace() calls whitespace (the per-row path uses str.strip()).
-_BLANK = r"^[\s\p{Z}\x0b\x1c-\x1f\x85]*$"
+BLANK = r"^[\s\p{Z}\x0b\x1c-\x1f\x85]*$"
 # json.dumps escapes these besides '"' and '\\'; only '\n' is common enough to replace in bulk.
 _RARE_CONTROL = r"[\x00-\x09\x0b-\x1f]"
 # Rating columns a pair may carry (UltraFeedback-binarized writes score_chosen/score_rejected).
@@ -57,11 +57,15 @@ def _scalar(dtype: pa.DataType) -> bool:
 
 
 def ratings(table: pa.Table) -> dict[str, pa.Array]:
-    """chosen_rating/rejected_rating from the first alias column present, else nulls."""
+    """chosen_rating/rejected_rating from the first alias column present, else nulls; NaN and
+    infinities are no rating (null), as on the per-row path."""
     out = {}
     for target, names in RATING_ALIASES.items():
         name = next((n for n in names if n in table.column_names), None)
         col = table[name].combine_chunks().cast(pa.float64()) if name else pa.nulls(table.num_rows, pa.float64())
+        finite = pc.is_finite(col)
+        if not pc.all(finite).as_py():
+            col = pc.if_else(finite, col, pa.nulls(len(col), pa.float64()))
         out[target] = col
     return out
 
@@ -74,7 +78,7 @@ def row_reasons(table: pa.Table) -> np.ndarray | None:
     """None when every row is good; else per row None or its first problem (``empty:chosen``...)."""
     cols = {f: _text(table, f) for f in _FIELDS}
     checks = [(pc.is_null(cols[f]), f"missing-field:{f}") for f in _FIELDS]
-    checks += [(pc.match_substring_regex(cols[f], _BLANK), f"empty:{f}") for f in _FIELDS]
+    checks += [(pc.match_substring_regex(cols[f], BLANK), f"empty:{f}") for f in _FIELDS]
     checks.append((pc.equal(cols["chosen"], cols["rejected"]), "identical-responses"))
     # Converting a mask to numpy costs more than asking Arrow whether it has a hit (rarely).
     masks = [(_bools(m), r) for m, r in checks if pc.any(m).as_py()]

@@ -2,9 +2,9 @@
 
 A normalizer turns one raw row (a dict, after ``--map``) into canonical ``Pair``s or raises
 ``RowProblem(reason, field)``; the stage turns problems into rejects (or errors under
-``--strict``). Detection looks at column names first and at the first value only where names
-cannot tell (a ``chosen``/``rejected`` file may hold HH-RLHF transcripts, plain strings or
-message lists).
+``--strict``). Detection looks at column names first and at the first non-empty value only
+where names cannot tell (a ``chosen``/``rejected`` file may hold HH-RLHF transcripts, plain
+strings or message lists).
 
 | format        | columns                                                                  |
 |---------------|--------------------------------------------------------------------------|
@@ -241,6 +241,8 @@ def parse_transcript(text: Any, field: str) -> list[Message]:
         raise RowProblem("missing-field", field)
     if not isinstance(text, str):
         raise RowProblem("wrong-type", field)
+    if not text.strip():
+        raise RowProblem("empty", field)
     if text.startswith(("Human:", "Assistant:")):
         text = "\n\n" + text
     parts = _TURN.split(text)

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from prefcurate.errors import DataError
-from prefcurate.stages.ingest_read import BATCH_ROWS, RawChunk, Source, first_line
+from prefcurate.stages.ingest_read import BATCH_ROWS, RawChunk, Source, checked_chunk, first_line
 
 
 def read_hf_dir(source: Source, on_progress: Callable[[int], None]) -> Iterator[RawChunk]:
@@ -25,7 +25,7 @@ def read_hf_dir(source: Source, on_progress: Callable[[int], None]) -> Iterator[
         raise DataError(f"not a readable Hugging Face dataset ({first_line(exc)})", file=source.name) from None
     splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
     for _, dataset in splits:
-        yield from _dataset_chunks(dataset, on_progress)
+        yield from _dataset_chunks(dataset, on_progress, source)
 
 
 def read_hf_hub(source: Source, on_progress: Callable[[int], None]) -> Iterator[RawChunk]:
@@ -44,12 +44,12 @@ def read_hf_hub(source: Source, on_progress: Callable[[int], None]) -> Iterator[
         ) from None
     except ValueError as exc:
         raise DataError(f"cannot load split {split!r} ({first_line(exc)})", file=source.name) from None
-    yield from _dataset_chunks(dataset, on_progress)
+    yield from _dataset_chunks(dataset, on_progress, source)
 
 
-def _dataset_chunks(dataset: Any, on_progress: Callable[[int], None]) -> Iterator[RawChunk]:
+def _dataset_chunks(dataset: Any, on_progress: Callable[[int], None], source: Source) -> Iterator[RawChunk]:
     row = 1
     for table in dataset.with_format("arrow").iter(batch_size=BATCH_ROWS):
         on_progress(table.num_rows)
-        yield RawChunk(rows=list(range(row, row + table.num_rows)), table=table)
+        yield checked_chunk(table, row, source)
         row += table.num_rows

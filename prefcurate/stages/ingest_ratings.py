@@ -10,13 +10,15 @@ Binarization rules, named so a dataset card can say which one made the data:
 - ``all-pairs``: every pair of completions whose ratings differ by at least ``--min-gap``
   (``0`` keeps equal-rated pairs as ties). Pair ids get a ``:i-j`` suffix of completion indices.
 
-Completions without a usable rating or text are left out; a row with fewer than two left is a
-reject (``too-few-rated``), as is an all-pairs row where no pair clears the gap (``below-min-gap``).
+Completions without a usable rating (missing, not a number, NaN or infinite) or text are left
+out; a row with fewer than two left is a reject (``too-few-rated``), as is an all-pairs row where
+no pair clears the gap (``below-min-gap``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -131,16 +133,20 @@ def _pair(prompt: list[Message], hi: tuple[int, list[Message], float], lo: tuple
 
 
 def number(value: Any) -> float | None:
+    """A rating as a float; None (unrated) for anything else, NaN and infinities included
+    (``"nan"`` is how some datasets write a missing rating)."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float):
-        return float(value) if value == value else None
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
+    try:
+        if isinstance(value, int | float):
+            out = float(value)
+        elif isinstance(value, str):
+            out = float(value.strip())
+        else:
             return None
-    return None
+    except (ValueError, OverflowError):  # not a number; an int too large for a float
+        return None
+    return out if math.isfinite(out) else None
 
 
 def _annotation_mean(annotations: Any) -> float | None:
