@@ -583,3 +583,68 @@ def test_vectors_past_the_memory_budget_live_in_a_file_and_decide_the_same(tmp_p
         assert spilled.fingerprint == in_memory.fingerprint  # where the vectors live decides nothing
         if options["index"] == "ivf":  # the join's operands were in a file too
             assert "operands built ahead" in spilled.extra["index_detail"]
+
+
+def test_highest_margin_without_the_column_fails_before_the_model_loads(tmp_path, cli):
+    src = make_stage_dir(tmp_path / "in", _pairs(5))
+    for _ in range(3):  # the error used to race the model's loading thread (exit 134 some runs)
+        result = cli("dedupe", src, "-o", tmp_path / "out", "--keep", "highest-margin", "--model", "static")
+        assert result.exit_code == 2 and "margin_mean" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_nothing_left_to_search_with_a_forced_ivf_index(tmp_path):
+    rows = _pairs(6)
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": r["prompt"]} for r in rows])
+    for on in ("pair", "prompt", "response"):  # every row contaminated: no row left to pair
+        manifest, kept, rejects = _run(tmp_path, rows, f"c-{on}", against=[evals], index="ivf", on=on)
+        assert not kept and {r["reject_reason"] for r in rejects.values()} == {"contaminated"}
+    manifest, kept, _ = _run(tmp_path, [], "empty", index="ivf")
+    assert manifest.rows_in == 0 and not kept
+
+
+def test_near_contamination_checks_each_user_turn(tmp_path):
+    rows = _pairs(8)
+    turn = rows[3]["prompt"]
+    rows.append(
+        {
+            "id": "chat",
+            "prompt": [
+                {"role": "user", "content": "Hi there, I have a question for you."},
+                {"role": "assistant", "content": "Sure, go ahead."},
+                {"role": "user", "content": _paraphrase(turn)},
+            ],
+            "chosen": "An answer.",
+            "rejected": "Another answer.",
+        }
+    )
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": turn + " Thanks!"}])
+    manifest, kept, rejects = _run(tmp_path, rows, against=[evals], semantic=False)
+    assert rejects["chat"]["reject_reason"] == "contaminated" and rejects["chat"]["duplicate_of"] == "eval.jsonl:1"
+    assert 0.92 <= rejects["chat"]["similarity"] < 1.0
+    assert "chat" not in kept and manifest.extra["contamination"]["user_turns_checked"] == 2
+
+
+def test_an_unreadable_evaluation_set_is_one_line(tmp_path, cli):
+    src = make_stage_dir(tmp_path / "in", _pairs(3))
+    (tmp_path / "c.parquet").write_text("garbage")
+    (tmp_path / "c.jsonl.gz").write_text("garbage")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe x\n")
+    (tmp_path / "s.json").write_text('"a string"')
+    for name in ("c.parquet", "c.jsonl.gz", "b.txt", "s.json"):
+        result = cli("dedupe", src, "-o", tmp_path / "out", "--against", tmp_path / name, "--no-semantic")
+        assert result.exit_code == 2, (name, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and name in result.stderr
+
+
+def test_punctuation_removal_keeps_unicode_blanks_as_blanks():
+    import pyarrow as pa
+
+    from prefcurate.stages.dedupe_keys import normalize_column, normalizer
+
+    values = ["Where is New\u00a0York?", "New\u2028York!", "a_b, c-d.", "cafe\u0301 ok", "x\u3000y\u3002"]
+    for opts in (["punctuation"], ["punctuation", "whitespace"], ["case", "whitespace", "nfkc", "punctuation"]):
+        assert normalize_column(pa.array(values), opts).to_pylist() == [normalizer(opts)(v) for v in values]
+    folded = normalize_column(pa.array(values), ["punctuation", "whitespace"]).to_pylist()
+    assert folded[:2] == ["Where is New York", "New York"] and folded[3] == "cafe\u0301 ok"

@@ -364,6 +364,9 @@ def similar_pairs(
     Approximate indexes give candidates only; each distinct candidate pair is re-scored once
     with the full vectors (a pair is usually found from both of its ends). ``operands``: the
     CPU join's row operands built ahead (``ivf_join.JoinOperands``), used by that path only."""
+    if len(vectors) < 2:  # nothing to pair (and no cells to train for an IVF index)
+        none = np.zeros(0, np.int64)
+        return none, none, np.zeros(0, np.float32), IndexInfo("flat", "cpu", len(vectors), vectors.shape[1])
     if uses_cpu_join(len(vectors), vectors.shape[1], resolve_index_device(device), kind):
         from prefcurate.backends.ivf_join import ivf_join
 

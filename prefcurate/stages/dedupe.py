@@ -155,6 +155,9 @@ class DedupeStage(Stage):
     config_cls = DedupeConfig
     reject_extras = {"duplicate_of": pa.string(), "similarity": pa.float64()}
 
+    def input_paths(self) -> list[Path]:
+        return list(self.config.against)  # type: ignore[attr-defined]
+
     def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
         assert source is not None
         cfg: DedupeConfig = self.config  # type: ignore[assignment]
@@ -164,12 +167,22 @@ class DedupeStage(Stage):
         eval_hashes: dict[bytes, int] = {}
         for i, text in enumerate(evals.texts):
             eval_hashes.setdefault(digest(norm(text)), i)
+        if cfg.keep == "highest-margin" and "margin_mean" not in source.columns:
+            raise ConfigError(
+                "--keep highest-margin needs a margin_mean column",
+                "run `prefcurate score` first, or pick another --keep",
+            )
         vectors = None
         if cfg.semantic or evals.texts:
             parts = PARTS[cfg.on] if cfg.semantic else ()
             vectors = RowVectors(cfg, ctx, source.num_rows, parts, need_prompt=bool(evals.texts))
         retained = Retained()
-        state = _first_pass(source, cfg, ctx, eval_hashes, vectors, retained)
+        try:
+            state = _first_pass(source, cfg, ctx, eval_hashes, vectors, retained)
+        except BaseException:
+            if vectors is not None:
+                vectors.settle()
+            raise
         decisions, labels = exact_decisions(
             state.groups,
             state.orientation,
@@ -237,12 +250,7 @@ def _first_pass(
     """Hash every row, and hand the rows to embed to ``vectors`` as they go by; the first
     rows' columns stay in ``retained`` for the write pass."""
     columns = ["id", "prompt", "chosen", "rejected", "tie"]
-    if cfg.keep == "highest-margin":
-        if "margin_mean" not in source.columns:
-            raise ConfigError(
-                "--keep highest-margin needs a margin_mean column",
-                "run `prefcurate score` first, or pick another --keep",
-            )
+    if cfg.keep == "highest-margin":  # the column's presence is checked before the model loads
         columns.append("margin_mean")
     keys = _Keys()
     task = ctx.progress.task("dedupe: hashing", total=source.num_rows)

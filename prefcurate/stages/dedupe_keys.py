@@ -13,8 +13,8 @@ import functools
 import gzip
 import hashlib
 import json
-import re
 import unicodedata
+import zlib
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,12 +32,15 @@ from prefcurate.shards import is_stage_dir, iter_batches
 from prefcurate.steps import Steps, run_steps
 
 NORMALIZE_CHOICES = ("case", "whitespace", "nfkc", "punctuation", "none")
-_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 _KEY = np.dtype("S16")
 # Python's str.split() whitespace (what ``normalizer`` uses), spelled for RE2, which reads \s
 # as ASCII only.
 _BLANKS = r"\t\n\x0b\x0c\r\x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
 _WS_RUN = f"[ {_BLANKS}]{{2,}}|[{_BLANKS}]"
+# What ``--normalize punctuation`` removes: every character but letters, digits, marks (an
+# accent that NFKC could not compose stays on its letter), "_" and whitespace (Unicode's, as
+# above: RE2's \s alone would delete a non-breaking space, gluing "New York" into "NewYork").
+_PUNCT_RE2 = f"[^\\pL\\pN\\pM_ {_BLANKS}]"
 # JSON fields that hold an evaluation prompt, in order of preference.
 PROMPT_FIELDS = ("prompt", "input", "instruction", "question", "query", "problem", "text")
 
@@ -54,7 +57,7 @@ def normalizer(options: Iterable[str]):
         if case:
             text = text.lower()
         if punct:
-            text = _PUNCT.sub("", text)
+            text = "".join(c for c in text if c == "_" or c.isspace() or unicodedata.category(c)[0] in "LNM")
         if ws:
             text = " ".join(text.split())
         return text
@@ -79,7 +82,7 @@ def normalize_steps(values: pa.Array, options: Iterable[str]) -> Steps[pa.Array]
         values = pc.utf8_lower(values)
         yield
     if "punctuation" in opts:
-        values = pc.replace_substring_regex(values, r"[^\pL\pN\pM\s_]", "")
+        values = pc.replace_substring_regex(values, _PUNCT_RE2, "")
         yield
     if "whitespace" in opts:
         # Only what needs changing matches (a run of 2+ blanks, or one that is not a space),
@@ -249,10 +252,15 @@ def load_eval_set(paths: Sequence[Path]) -> EvalSet:
     refs: list[str] = []
     texts: list[str] = []
     for path in paths:
-        for ref, text in _read_eval(Path(path)):
-            if text and text.strip():
-                refs.append(ref)
-                texts.append(text)
+        try:
+            for ref, text in _read_eval(Path(path)):
+                if text and text.strip():
+                    refs.append(ref)
+                    texts.append(text)
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error, pa.ArrowException) as exc:
+            # a corrupt Parquet or gzip file, bytes that are not UTF-8: one line, not a traceback
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"--against {path}: unreadable ({reason})") from None
     if paths and not texts:
         raise InputError(
             f"--against {', '.join(map(str, paths))}: no prompts found",
@@ -284,7 +292,15 @@ def _read_eval(path: Path) -> Iterable[tuple[str, str]]:
                 yield f"{path.name}:{i}", _record_prompt(_json(line, path, i), path, i)
     elif name.endswith((".json", ".json.gz")):
         data = _json(_open_text(path).read(), path, None)
-        records = data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
+        records = (
+            data
+            if isinstance(data, list)
+            else data.get("data", data.get("rows", [data]))
+            if isinstance(data, dict)
+            else None
+        )
+        if not isinstance(records, list):
+            raise InputError(f"--against {path}: not a JSON array of prompts or records")
         for i, rec in enumerate(records, 1):
             yield f"{path.name}:{i}", _record_prompt(rec, path, i)
     elif name.endswith(".parquet"):

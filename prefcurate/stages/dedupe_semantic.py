@@ -56,13 +56,13 @@ def semantic_pass(
     part_threshold = part_threshold if cfg.part_threshold is None else cfg.part_threshold
     ctx.extra.update(model=embedder.name, embed_device=embedder.device, threshold=threshold)
     if evals.texts:
-        hit, sims, match = _contamination(cfg, ctx, embedder, prompt_vecs, evals, threshold)
+        hit, sims, match = _contamination(cfg, ctx, embedder, prompt_vecs, evals, threshold, source, cand)
         rows = np.zeros(len(decisions.reason), bool)
         rows[cand[hit]] = True
         ref = np.full(len(rows), -1, np.int64)
         ref[cand[hit]] = match[hit]
         sim = np.ones(len(rows), np.float32)
-        sim[cand[hit]] = sims[hit]
+        sim[cand[hit]] = np.minimum(sims[hit], 1.0)
         mark_contaminated(decisions, labels, rows, ref, sim)
         cand = cand[~hit]
         vectors = vectors[~hit] if vectors is not None else None
@@ -80,15 +80,64 @@ def semantic_pass(
     embedder.close()
 
 
-def _contamination(cfg, ctx, embedder, prompt_vecs: np.ndarray, evals: EvalSet, threshold: float):
+def _contamination(
+    cfg, ctx, embedder, prompt_vecs: np.ndarray, evals: EvalSet, threshold: float, source: StageInput, cand: np.ndarray
+):
+    """Per candidate row: (hit, cosine, eval prompt) of its prompt's nearest evaluation
+    prompt, the whole prompt or any of its user turns (as the exact check counts them)."""
     from prefcurate.backends.index import nearest
 
     cthreshold = cfg.contamination_threshold or threshold
     eval_vecs = embedder.encode(evals.texts)
     sims, match, info = nearest(eval_vecs, prompt_vecs, cfg.device, "auto", threshold=cthreshold)
+    turns = 0
+    for at, texts in _user_turns(source, cand, cfg.batch_size):
+        turns += len(texts)
+        turn_sims, turn_match, _ = nearest(eval_vecs, embedder.encode(texts), cfg.device, "auto", threshold=cthreshold)
+        better = turn_sims > sims[at]
+        if better.any():  # a row's best over its turns: fancy assignment keeps the last, so sort
+            order = np.argsort(turn_sims[better], kind="stable")
+            rows = at[better][order]
+            sims[rows], match[rows] = turn_sims[better][order], turn_match[better][order]
     hit = (sims >= cthreshold) & (match >= 0)
-    ctx.extra["contamination"] = {"eval_prompts": len(evals.texts), "threshold": cthreshold, "index": info.describe()}
+    ctx.extra["contamination"] = {
+        "eval_prompts": len(evals.texts),
+        "threshold": cthreshold,
+        "user_turns_checked": turns,
+        "index": info.describe(),
+    }
     return hit, sims, match
+
+
+def _user_turns(source: StageInput, cand: np.ndarray, batch_rows: int):
+    """(positions in ``cand``, texts) of the user turns of the candidates whose prompt has more
+    than one message, a batch of the input at a time (a one-message prompt is its own turn)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = np.zeros(source.num_rows, bool)
+    wanted[cand] = True
+    start = 0
+    for batch in source.batches(["prompt"], batch_rows):
+        prompts = batch.column("prompt")
+        if isinstance(prompts, pa.ChunkedArray):
+            prompts = prompts.combine_chunks()
+        parent = pc.list_parent_indices(prompts).to_numpy()
+        flat = pc.list_flatten(prompts)
+        content = flat.field("content")
+        several = pc.list_value_length(prompts).fill_null(0).to_numpy(zero_copy_only=False) > 1
+        keep = (
+            wanted[start + parent]
+            & several[parent]
+            & pc.equal(flat.field("role"), "user").fill_null(False).to_numpy(zero_copy_only=False)
+            & pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(content)), 0)
+            .fill_null(False)
+            .to_numpy(zero_copy_only=False)
+        )
+        if keep.any():
+            texts = content.filter(pa.array(keep)).to_pylist()
+            yield np.searchsorted(cand, start + parent[keep]), texts
+        start += batch.num_rows
 
 
 def _parts_agree(parts: np.ndarray, i: np.ndarray, j: np.ndarray, n_parts: int, floor: float):
@@ -134,7 +183,8 @@ def _near_duplicates(
     rows, leaders = cand[gone], cand[leader[gone]]
     decisions.reason[rows] = NEAR
     decisions.dup_of[rows] = leaders
-    decisions.similarity[rows] = pair_cosines(vectors, gone, leader[gone], n_parts**-0.5)  # the mean part cosine
+    # the mean part cosine; float16 unit vectors can put identical texts a hair above 1
+    decisions.similarity[rows] = np.minimum(pair_cosines(vectors, gone, leader[gone], n_parts**-0.5), 1.0)
     ctx.extra.update(
         index=info.kind,
         index_device=info.device,

@@ -135,6 +135,10 @@ class RowVectors:
         self._fit_lock = threading.Lock()
         self._tasks: list[functools.partial] = []
 
+    def settle(self) -> None:
+        """Let the model's background load end (``_Background.settle``)."""
+        self._loading.settle()
+
     @property
     def embedder(self) -> Embedder:
         """The model. A distilled static model loads on a background thread while the exact
@@ -447,6 +451,15 @@ class _Background:
             return
         self._thread = threading.Thread(target=run, name="prefcurate-model-load", daemon=True)
         self._thread.start()
+
+    def settle(self) -> None:
+        """Wait for the load to end, its outcome unused: a stage that fails while the model
+        loads waits for it before unwinding, as a daemon thread still inside the model's
+        native code when the interpreter exits can abort the process ("FATAL: exception not
+        rethrown", exit 134) instead of letting the stage's one-line error through. Loading
+        a distilled static model, the only one loaded this way, takes ~0.05-0.3 s."""
+        if self._thread is not None:
+            self._thread.join()
 
     def result(self):
         if self._thread is not None:
