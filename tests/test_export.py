@@ -242,6 +242,25 @@ def test_vectorised_helpers_match_python(tmp_path: Path) -> None:
     assert joined == [p["prompt"] + p["chosen"] for p in pairs[5:25]]
 
 
+def test_trl_renders_an_empty_prompt_the_same_whatever_else_is_in_the_batch(tmp_path: Path) -> None:
+    with_prompt = llmbar_pairs()[:6]
+    # Implicit pairs with no shared prefix: no prompt messages at all.
+    implicit = [dict(p, prompt=[], source="implicit") for p in llmbar_pairs()[6:9]]
+    mixed = [with_prompt[0], implicit[0], *with_prompt[1:4], implicit[1], implicit[2], *with_prompt[4:]]
+    src = make_stage_dir(tmp_path / "mixed", mixed)
+    export(src, tmp_path / "out", format="trl")
+    rows = {r["id"]: r for r in read_rows(tmp_path / "out")}
+    canonical = pq.read_table(src / "data").to_pylist()
+    assert len(rows) == len(canonical) == 9 and sum(not p["prompt"] for p in canonical) == 3
+    for i, pair in enumerate(canonical):
+        if pair["prompt"]:
+            assert rows[pair["id"]]["prompt"] == pair["prompt"][0]["content"]
+            continue
+        alone = make_stage_dir(tmp_path / f"alone-{i}", [pair])
+        export(alone, tmp_path / f"alone-{i}-out", format="trl")
+        assert rows[pair["id"]]["prompt"] == read_rows(tmp_path / f"alone-{i}-out")[0]["prompt"] == ""
+
+
 def test_writer_streams_to_disk(tmp_path: Path) -> None:
     """Batches reach disk while writing (at most MAX_PENDING behind): nothing waits for close."""
     src = make_stage_dir(tmp_path / "in", llmbar_pairs())

@@ -132,6 +132,28 @@ def test_drop_judge_inconsistent_ties_and_length_ratio(tmp_path):
     assert m.extra["rules"] == {"length-ratio": 2}
 
 
+def _words(messages: list[dict]) -> int:
+    return max(len(" ".join(m["content"] for m in messages).split()), 1)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "rejected_rows"),
+    [({"min_length_ratio": 0.9, "max_length_ratio": 3.5}, [1, 3]), ({"max_length_ratio": 1.5}, [2, 3])],
+)
+def test_length_ratio_is_judged_on_the_flipped_pair(tmp_path, bounds, rejected_rows):
+    # Stored chosen/rejected word ratios are 1, 2, 3, 4; rows 0 and 1 flip, so as written they are 1, 0.5, 3, 4.
+    rows = scored_pairs([-3.0, -3.0, 2.0, 1.0])
+    kept, rejected, m = run(tmp_path, rows, flip=True, flip_below="0", **bounds)
+    assert {r["prompt"][0]["content"] for r in kept + rejected if r["flipped"]} == {"question 0", "question 1"}
+    assert sorted(r["prompt"][0]["content"] for r in rejected) == [f"question {i}" for i in rejected_rows]
+    assert {r["reject_reason"] for r in rejected} == {"length-ratio"} and m.extra["rules"]["flip"] == 2
+    low, high = bounds.get("min_length_ratio", 0.0), bounds["max_length_ratio"]
+    for r in kept:  # what is written meets the bounds, and what was removed for them does not
+        assert low <= _words(r["chosen"]) / _words(r["rejected"]) <= high
+    for r in rejected:
+        assert not low <= _words(r["chosen"]) / _words(r["rejected"]) <= high
+
+
 def test_keep_top_fraction_and_count_rank_by_strength_after_flipping(tmp_path):
     rows = scored_pairs([-4.0, 1.0, 2.0, 0.5, 3.0, -0.5])
     kept, rejected, _ = run(tmp_path, rows, keep_top_count=2)
@@ -200,6 +222,31 @@ def test_cli_report_and_rows_in_equal_out_plus_rejects(tmp_path, cli):
     assert m.extra["rules"]["flip"] == 1 and m.extra["rules"]["tie"] == 1
     assert sum(v for k, v in m.extra["rules"].items() if k != "flip") == m.rows_rejected == 4
     assert m.extra["strength_after"]["n"] == 2
+
+
+def _report(stderr: str) -> list[str]:
+    """The body of the filter report (the lines under its header)."""
+    lines = stderr.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("filter report")), None)
+    return [] if start is None else [line for line in lines[start + 1 :] if line.startswith("  ")]
+
+
+def test_report_of_a_run_skipped_as_unchanged_comes_from_the_existing_output(tmp_path, cli):
+    rows = scored_pairs([-3.0, -0.1, 0.05, 2.0, 1.0, 0.2], tie=[False, False, False, False, True, False])
+    src = make_stage_dir(tmp_path / "in", rows)
+    options = ["--flip", "--drop-ties", "--drop-ambiguous", "--ambiguous-below", "0.1", "--keep-top-count", "2"]
+    first = cli("filter", src, "-o", tmp_path / "out", *options)
+    assert first.exit_code == 0, first.stderr
+    assert "filter report" not in first.stderr
+    written = (tmp_path / "out" / "manifest.json").read_text()
+    again = cli("filter", src, "-o", tmp_path / "out", *options, "--report")
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "out" / "manifest.json").read_text() == written  # skipped: the output is untouched
+    fresh = cli("filter", src, "-o", tmp_path / "fresh", *options, "--report")
+    assert fresh.exit_code == 0, fresh.stderr
+    body = _report(fresh.stderr)
+    assert any("below-top" in line for line in body) and any("strength after" in line for line in body)
+    assert _report(again.stderr) == body
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

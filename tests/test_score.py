@@ -208,6 +208,27 @@ def test_rescoring_replaces_earlier_strength_columns(tmp_path):
     assert names.count("margin_mean") == 1 and names.count("margin__judge") == 1
 
 
+def test_rescoring_a_filter_output_drops_columns_derived_from_the_old_scores(tmp_path):
+    from prefcurate.stages.export import ExportConfig, ExportStage
+    from prefcurate.stages.filter import FilterConfig, FilterStage
+
+    prefs = [0.9, 0.05, 0.6, 0.1, 0.8, 0.3, 0.7, 0.95]
+    src = make_stage_dir(tmp_path / "in", [dict(p, judge_pref=q) for p, q in zip(_pairs(8), prefs, strict=True)])
+    ScoreStage(ScoreConfig(member=["judge"])).run(src, tmp_path / "s1")
+    FilterStage(FilterConfig(flip=True, flip_below="-1", keep_top_count=6)).run(tmp_path / "s1", tmp_path / "f")
+    filtered = read_table(tmp_path / "f")
+    assert "adaptive_margin" in filtered.column_names and any(filtered.column("flipped").to_pylist())
+    ScoreStage(ScoreConfig(member=["judge"])).run(tmp_path / "f", tmp_path / "rs")
+    ScoreStage(ScoreConfig(member=["judge"])).run(src, tmp_path / "direct")
+    rescored = read_table(tmp_path / "rs")
+    # The columns of scoring the raw input, plus the filter's record of the swap: nothing from the old scale.
+    assert set(rescored.column_names) == set(read_table(tmp_path / "direct").column_names) | {"flipped"}
+    assert rescored.column("flipped").to_pylist() == filtered.column("flipped").to_pylist()
+    ExportStage(ExportConfig(format="openrlhf")).run(tmp_path / "rs", tmp_path / "export")
+    exported = read_table(tmp_path / "export").column_names
+    assert "margin" in exported and "adaptive_margin" not in exported
+
+
 def test_produces_and_requires_follow_the_members():
     cfg = ScoreConfig(member=["embedding-bt", "judge", "hf:org/My-RM"])
     assert {"judge_pref", "prompt"} <= cfg.requires()

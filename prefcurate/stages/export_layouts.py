@@ -45,7 +45,9 @@ def prompt_text(col: pa.ListArray) -> pa.Array:
     if len(flat) == 0:
         return pa.array([""] * len(col), pa.string())
     single = (lengths == 1) & np.asarray(pc.equal(roles.take(first), "user").fill_null(False))
-    return pc.if_else(pa.array(single), contents.take(first), transcript)
+    text = pc.if_else(pa.array(single), contents.take(first), transcript)
+    # an empty prompt is "", whatever the other rows hold (not a bare Assistant cue)
+    return pc.if_else(pa.array(lengths == 0), pa.scalar("", pa.string()), text)
 
 
 def concat_lists(a: pa.ListArray, b: pa.ListArray) -> pa.ListArray:

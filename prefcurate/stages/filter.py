@@ -11,7 +11,12 @@ Rules, applied in this order (a removed row names the first rule that removed it
   (``length-ratio``: chosen/rejected whitespace-token ratio outside the bounds, counts
   floored at 1), ``drop_ambiguous`` (``ambiguous``: ``|margin_mean|`` small or ``margin_std``
   large), ``keep_top_fraction`` / ``keep_top_count`` (``below-top``: the strongest pairs by
-  ``margin_mean``, after flipping, among the rows the other rules kept).
+  ``margin_mean`` among the rows the other rules kept).
+
+Every rule after ``flip`` sees the pair as it will be written, flipped: on a flipped row
+``chosen`` is the former ``rejected`` (so its length ratio is the inverse) and its strength is
+``-margin_mean``. Ties, judge consistency, ``|margin_mean|`` and ``margin_std`` do not change
+under a flip.
 
 Thresholds are strings with one convention: a number (``"-1.5"``) is absolute; ``"qF"``
 (``"q0.1"``) is the F-quantile, over the whole input, of the quantity the rule compares
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +47,18 @@ from pydantic import Field, field_validator, model_validator
 
 from prefcurate.errors import InputError
 from prefcurate.schema import render_text
-from prefcurate.stages.base import BatchResult, StageConfig, StageContext, StageInput, TwoPhaseStage, as_table, split
+from prefcurate.shards import Manifest
+from prefcurate.stages.base import (
+    BatchResult,
+    NullProgress,
+    Progress,
+    StageConfig,
+    StageContext,
+    StageInput,
+    TwoPhaseStage,
+    as_table,
+    split,
+)
 from prefcurate.stages.filter_flip import adaptive_margin, as_float, flip_rows, set_column
 
 _THRESHOLD = re.compile(r"^\s*(q)?\s*([-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)\s*$", re.IGNORECASE)
@@ -172,6 +189,22 @@ class FilterStage(TwoPhaseStage):
     name = "filter"
     config_cls = FilterConfig
 
+    def run(self, input_dir: str | Path | None, output_dir: str | Path, **kwargs: Any) -> tuple[Manifest, bool]:
+        """``Stage.run``; a run skipped as unchanged still prints ``--report``, from the figures
+        the existing output's manifest holds (``report`` is not in the fingerprint)."""
+        manifest, skipped = super().run(input_dir, output_dir, **kwargs)
+        if skipped and self.config.report:  # type: ignore[attr-defined]
+            extra = manifest.extra
+            _print_report(
+                kwargs.get("progress") or NullProgress(),
+                extra.get("rules", {}),
+                extra.get("thresholds", {}),
+                extra.get("strength_before"),
+                extra.get("strength_after"),
+                header=f"filter report (unchanged, from {Path(output_dir) / 'manifest.json'}):",
+            )
+        return manifest, skipped
+
     # -- pass 1: every decision, from only the columns the rules need ---------------------
     def _read_columns(self, source: StageInput) -> dict[str, np.ndarray]:
         cfg: FilterConfig = self.config  # type: ignore[assignment]
@@ -212,6 +245,8 @@ class FilterStage(TwoPhaseStage):
             thresholds["flip_below"] = resolve_threshold(cfg.flip_below, strength)
             agree = cols["margin_agree"]
             flip = (strength < thresholds["flip_below"]) & (agree < cfg.flip_max_agree) & ~tie
+        # The rules below see the pairs as written: flipped where ``flip``.
+        after = np.where(flip, -strength, strength)
         reason = np.zeros(n, dtype=np.int8)
 
         def mark(rule: int, hit: np.ndarray) -> None:
@@ -224,11 +259,11 @@ class FilterStage(TwoPhaseStage):
             # Null (not judged) is not evidence of inconsistency.
             mark(_JUDGE, consistent == 0)
         if cfg.length_ratio:
-            ratio = cols["length_ratio"]
+            # Counts are floored at 1, so a flipped pair's ratio is exactly the inverse.
+            ratio = np.where(flip, 1.0 / cols["length_ratio"], cols["length_ratio"])
             mark(_LENGTH, (ratio < (cfg.min_length_ratio or 0.0)) | (ratio > (cfg.max_length_ratio or np.inf)))
         if cfg.drop_ambiguous:
-            mark(_AMBIGUOUS, self._ambiguous(strength, cols.get("margin_std"), thresholds))
-        after = np.where(flip, -strength, strength)
+            mark(_AMBIGUOUS, self._ambiguous(after, cols.get("margin_std"), thresholds))
         if cfg.keep_top:
             mark(_TOP, self._below_top(after, reason == 0, thresholds))
         rules = _rule_counts(cfg, flip, reason)
@@ -238,7 +273,9 @@ class FilterStage(TwoPhaseStage):
             ctx.extra["strength_before"] = _summary(strength)
             ctx.extra["strength_after"] = _summary(after[reason == 0])
         if cfg.report:
-            _print_report(ctx, rules, thresholds, ctx.extra.get("strength_before"), ctx.extra.get("strength_after"))
+            _print_report(
+                ctx.progress, rules, thresholds, ctx.extra.get("strength_before"), ctx.extra.get("strength_after")
+            )
         return {"flip": flip, "reason": reason}
 
     def _ambiguous(self, strength: np.ndarray, std: np.ndarray | None, thresholds: dict[str, float]) -> np.ndarray:
@@ -313,23 +350,26 @@ def _summary(values: np.ndarray) -> dict[str, float | int]:
 
 
 def _print_report(
-    ctx: StageContext, rules: dict[str, int], thresholds: dict[str, float], before: Any, after: Any
+    progress: Progress,
+    rules: dict[str, int],
+    thresholds: dict[str, float],
+    before: Any,
+    after: Any,
+    header: str = "filter report:",
 ) -> None:
     """Per-rule counts and the strength distribution, through the progress display when shown,
     else straight to stderr (``--report`` is an explicit request, so ``--quiet`` does not hide it)."""
-    lines = ["filter report:"]
+    lines = [header]
     lines += [f"  {rule:<20} {count:>10,} rows" for rule, count in rules.items()]
     lines += [f"  threshold {k} = {v:.4g}" for k, v in thresholds.items()]
     if before is not None:
         lines.append(f"  strength before: {_fmt(before)}")
         lines.append(f"  strength after:  {_fmt(after)}")
     text = "\n".join(lines)
-    from prefcurate.stages.base import NullProgress
-
-    if isinstance(ctx.progress, NullProgress):
+    if isinstance(progress, NullProgress):
         sys.stderr.write(text + "\n")
     else:
-        ctx.progress.note(text)
+        progress.note(text)
 
 
 def _fmt(summary: dict[str, Any]) -> str:

@@ -8,6 +8,14 @@ batches and appends, per member, ``margin__<member>`` (standardized: unit
 RMS, sign kept) and ``reward_chosen__<member>`` / ``reward_rejected__<member>`` (raw, for
 members that score responses), then ``margin_mean``, ``margin_std``, ``margin_agree``
 and ``margin_worst``. Each member's raw scale, and what it did, go to the manifest.
+
+Rescoring (an input that an earlier ``score`` or ``filter`` wrote) replaces the whole strength
+picture: every column derived from the earlier scores (``DERIVED``, and any earlier member's
+``margin__*`` / ``reward_*__*``) is dropped before the new ones are added, so nothing on the
+old scale survives next to the new margins. ``adaptive_margin`` (filter: a scaled
+``max(0, margin_mean)``) is dropped, not recomputed: its scale is a filter option, and a
+filter after this score writes it again. ``flipped`` stays: it records the pair's orientation,
+which the new scores are computed on.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from prefcurate.backends.reward import MemberOptions, combine_margins, member_na
 from prefcurate.stages.base import BatchResult, StageConfig, StageContext, StageInput, TwoPhaseStage, as_table
 
 AGGREGATES = ("margin_mean", "margin_std", "margin_agree", "margin_worst")
+# Columns later stages compute from the aggregates: stale once the margins are replaced.
+DERIVED = ("adaptive_margin",)
 
 
 class ScoreConfig(StageConfig):
@@ -118,7 +128,7 @@ class ScoreStage(TwoPhaseStage):
         self, batch: pa.RecordBatch | pa.Table, plan: dict[str, np.ndarray], offset: int, ctx: StageContext
     ) -> BatchResult:
         """Pass 2 on one batch whose first row is input row ``offset``: the new columns appended
-        (replacing same-named ones from a rerun)."""
+        (replacing same-named ones from a rerun, and dropping columns derived from old scores)."""
         table = as_table(batch)
         n = table.num_rows
         table = table.drop_columns([c for c in table.column_names if _stale(c, plan)])
@@ -128,9 +138,13 @@ class ScoreStage(TwoPhaseStage):
 
 
 def _stale(column: str, new: dict[str, np.ndarray]) -> bool:
-    """A column of an earlier score run: rescoring replaces the whole strength picture."""
+    """A column of an earlier score run, or one derived from it (filter's ``adaptive_margin``):
+    rescoring replaces the whole strength picture."""
     return (
-        column in new or column.startswith(("margin__", "reward_chosen__", "reward_rejected__")) or column in AGGREGATES
+        column in new
+        or column.startswith(("margin__", "reward_chosen__", "reward_rejected__"))
+        or column in AGGREGATES
+        or column in DERIVED
     )
 
 
