@@ -18,6 +18,11 @@ Relative paths are relative to the recipe file. Values may use ``${VAR}`` or
 ``${VAR:-default}``. Precedence, highest first: ``pipeline --set stage.field=value``, then
 ``PREFCURATE_<STAGE>_<FIELD>``, then the recipe, then the option's default. Errors name the
 key path: ``stages[2].judge.model: Field required``.
+
+Beyond each option's type, a stage's options that can be resolved without loading a model or
+reading data are resolved at load too (``check_options``: the score stage's reward members,
+say), so ``pipeline --check`` and a run catch them before any stage starts:
+``stages[1].score.member[0]: unknown reward member 'bogus'``.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ def validate_config(cls: type[BaseModel], data: dict[str, Any], where: str) -> A
         return cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(where, exc)) from None
+    except ConfigError as exc:  # a validator's own error (pydantic passes it through): add the key path
+        raise ConfigError(f"{where}: {exc.message}", exc.hint) from None
 
 
 def interpolate(value: Any, where: str = "") -> Any:
@@ -243,7 +250,9 @@ def build_recipe(raw: Any, base: Path, sets: list[str] | None = None, path: Path
             avail = [s for s in MIDDLE if s in STAGES]
             raise ConfigError(f"{where}.{name}: unknown stage", f"one of: {', '.join(avail)}")
         cfg, _ = _build(name, options, f"{where}.{name}", base, overrides)
-        specs.append(StageSpec(name, cfg, f"{where}.{name}"))
+        spec = StageSpec(name, cfg, f"{where}.{name}")
+        check_options(spec)
+        specs.append(spec)
     output = None
     if raw.get("output") is not None:
         out_raw = raw["output"]
@@ -279,3 +288,51 @@ def check_columns(recipe: Recipe) -> list[str]:
             problems.append(f"{spec.where}: needs column(s) {', '.join(missing)}, which no earlier stage produces")
         available |= spec.config.produces()
     return problems
+
+
+def check_options(spec: StageSpec) -> None:
+    """Resolve the options of ``spec`` that its stage would otherwise check only when it runs,
+    as far as that needs no model and no data; a problem is a ConfigError naming the key."""
+    check = _OPTION_CHECKS.get(spec.name)
+    if check is not None:
+        check(spec.config, spec.where)
+
+
+def _check_score(cfg: Any, where: str) -> None:
+    """Every reward member parses (the stage's own parser: kind and name), there is at least
+    one, no two share a column name; the device is one the members accept."""
+    from prefcurate.backends.reward import parse_member, parse_members
+
+    options = cfg.member_options()
+    first: dict[str, int] = {}
+    for i, spec in enumerate(cfg.member):
+        path = f"{where}.member[{i}]"
+        try:
+            member = parse_member(spec, options)
+        except ConfigError as exc:
+            subject = f"member {spec.strip()!r}: "
+            detail = f"{exc.message.removeprefix(subject)} {spec!r}" if exc.message.startswith(subject) else exc.message
+            raise ConfigError(f"{path}: {detail}", exc.hint) from None
+        if member.name in first:
+            raise ConfigError(
+                f"{path}: {spec!r} has the same column name ({member.name}) as member[{first[member.name]}]",
+                "list each member once",
+            )
+        first[member.name] = i
+    try:
+        parse_members(cfg.member, options)  # the list as a whole (at least one member)
+    except ConfigError as exc:
+        text = exc.message
+        raise ConfigError(
+            f"{where}.{text}" if text.startswith("member") else f"{where}.member: {text}", exc.hint
+        ) from None
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{where}.device: expected auto, cpu or cuda, got {cfg.device!r}")
+
+
+def _check_dedupe(cfg: Any, where: str) -> None:
+    if cfg.index == "hnsw" and cfg.device == "cuda":
+        raise ConfigError(f"{where}.index: FAISS has no HNSW index on GPU", "use index: ivf or flat with device: cuda")
+
+
+_OPTION_CHECKS: dict[str, Any] = {"score": _check_score, "dedupe": _check_dedupe}

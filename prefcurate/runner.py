@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefcurate.engines import Engine, get_engine
-from prefcurate.errors import ConfigError
-from prefcurate.recipe import Recipe, StageSpec, check_columns, load_recipe
+from prefcurate.errors import ConfigError, InputError
+from prefcurate.recipe import Recipe, StageSpec, check_columns, check_options, load_recipe
 from prefcurate.shards import Manifest
 from prefcurate.stages import get_stage
 from prefcurate.stages.base import NullProgress, Progress
@@ -41,7 +41,10 @@ def stage_dirs(recipe: Recipe) -> list[tuple[StageSpec, Path]]:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Validate before work: configs validated at load; here the column chain."""
+    """Validate before work, touching no data: configs validated at load (their options resolved
+    too, ``recipe.check_options``, again here for a Recipe built by hand); here the column chain."""
+    for spec in recipe.stages:
+        check_options(spec)
     problems = check_columns(recipe)
     if problems:
         raise ConfigError(problems[0], "add the stage that produces the column earlier in `stages`")
@@ -49,6 +52,19 @@ def check_recipe(recipe: Recipe) -> None:
         from prefcurate.backends.hub import push_config
 
         push_config(recipe.output.push)
+
+
+def check_run_inputs(recipe: Recipe) -> None:
+    """Before the first stage of a run: the local files a later stage reads besides its input
+    (dedupe's evaluation sets) exist, so a typo does not surface after the earlier stages ran.
+    (``--check`` touches no data: it does not look.)"""
+    for spec in recipe.stages:
+        for i, path in enumerate(getattr(spec.config, "against", None) or []):
+            if not Path(path).exists():
+                raise InputError(
+                    f"{spec.where}.against[{i}]: {path}: no such file or directory",
+                    "give a stage directory, a .txt file, JSON/JSONL or Parquet",
+                )
 
 
 def run_recipe(
@@ -66,6 +82,7 @@ def run_recipe(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     check_recipe(recipe)
+    check_run_inputs(recipe)
     if recipe.output is not None and recipe.output.push:
         from prefcurate.backends.hub import resolve_token
 

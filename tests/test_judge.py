@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -357,6 +358,66 @@ def test_auth_error_stops_with_hint(tmp_path, cli):
         result = cli("judge", inp, "-o", tmp_path / "out", "-m", "judge-test", "--base-url", server.base_url)
     assert result.exit_code == 1
     assert "401" in result.stderr and "$OPENAI_API_KEY" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: bound, then closed (connections are refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_judge_process(tmp_path: Path, inp: Path, base_url: str, *options: str) -> tuple[int, str, float]:
+    """The real command in its own process, as a user runs it: (exit code, stderr, seconds).
+    A separate process, so that whatever asyncio prints at exit or collection is seen too."""
+    env = {**os.environ, "PREFCURATE_QUIET": "1"}
+    cmd = [sys.executable, "-m", "prefcurate", "judge", str(inp), "-o", str(tmp_path / "out"), "-m", "judge-test",
+           "--base-url", base_url, *options]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stderr, time.monotonic() - started
+
+
+def test_unreachable_endpoint_fails_fast_in_one_line(tmp_path):
+    """Connection refused before the endpoint ever answered: the run stops after a couple of quick
+    retries (not every request's full backoff, ~45 s), names the refusal (aiohttp's transport calls
+    it a timeout), and nothing follows the error line (no unretrieved task tracebacks)."""
+    inp = stage_dir(tmp_path, llmbar_pairs(40))
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    code, stderr, seconds = run_judge_process(tmp_path, inp, url, "--concurrency", "4")
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: cannot connect to {url}: connection refused"), stderr
+    assert "timed out" not in stderr
+    assert seconds < 30, seconds  # the default backoff retries twice, ~1.5-3 s; it was ~45 s
+    assert not (tmp_path / "out").exists()
+
+
+def test_endpoint_failing_stops_the_run_in_one_line(tmp_path):
+    """The endpoint answers the first batch (one answer slowly) and fails every other call: the
+    later batches fail while the first is still waiting, the run stops after --abort-after
+    failures in a row with one line, and the batches that failed meanwhile are awaited, not
+    printed after it as unretrieved task tracebacks."""
+    pairs = llmbar_pairs(40)
+    inp = stage_dir(tmp_path, pairs)
+    first_batch = [p["chosen"] for p in pairs[:8]]  # the stage reads max(8, concurrency) rows a batch
+
+    def policy(request: dict) -> str | Reply:
+        text = user_text(request)
+        if pairs[0]["chosen"] in text:
+            return Reply(content=verdict_reply("A", request), delay=1.5)
+        if any(chosen in text for chosen in first_batch):
+            return verdict_reply("A", request)
+        return Reply(status=500)
+
+    with FakeOpenAI(policy) as server:
+        code, stderr, _ = run_judge_process(
+            tmp_path, inp, server.base_url, "--concurrency", "4", "--max-retries", "0", "--abort-after", "6"
+        )
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1, stderr
+    assert "6 calls in a row failed (last: 500" in lines[0], stderr
     assert not (tmp_path / "out").exists()
 
 

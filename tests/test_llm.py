@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import socket
 import sqlite3
 import time
 
@@ -12,6 +13,7 @@ import pytest
 
 from prefcurate.backends.cache import RequestCache, request_key
 from prefcurate.backends.llm import (
+    UNREACHED_RETRIES,
     CallFailed,
     ChatClient,
     TokenBucket,
@@ -98,7 +100,57 @@ def test_timeout_is_retried_then_fails():
     with FakeOpenAI(lambda r: "[[A]]", delay=1.0) as server:
         (answer,) = complete(server, timeout=0.2, max_retries=1)
     assert isinstance(answer, CallFailed)
+    assert "timed out" in str(answer) and "refused" not in str(answer)
     assert server.count == 2
+
+
+def closed_url() -> str:
+    """An endpoint on 127.0.0.1 whose port nothing listens on (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def test_refused_connection_before_any_answer_stops_the_run():
+    """Nothing listens there: every request stops the run after UNREACHED_RETRIES quick retries,
+    reported as a refused connection (aiohttp's transport labels it a timeout), not max_retries
+    backoffs each."""
+
+    async def main() -> tuple[list, int]:
+        client = ChatClient(closed_url(), "sk-test", backoff=0.01, max_retries=6, abort_after=50, concurrency=2)
+        try:
+            answers = await asyncio.gather(*(client.complete(REQUEST) for _ in range(5)), return_exceptions=True)
+        finally:
+            await client.aclose()
+        return answers, client.usage.attempts
+
+    answers, attempts = asyncio.run(main())
+    assert all(isinstance(a, StageFailed) for a in answers), answers
+    message = str(answers[0])
+    assert message.startswith("cannot connect to http://127.0.0.1:") and ": connection refused" in message
+    assert "timed out" not in message.lower() and "--base-url" in message
+    assert UNREACHED_RETRIES + 1 <= attempts <= 5 * (UNREACHED_RETRIES + 1) < 5 * 7
+
+
+def test_refused_connection_after_answers_is_retried_as_transient():
+    """Once the endpoint has answered, a refused connection is a restart: retried with backoff
+    like any connection error, then a row error that names the refusal."""
+
+    async def main() -> tuple[object, object, int]:
+        server = FakeOpenAI(lambda r: "[[A]]").__enter__()
+        client = ChatClient(server.base_url, "sk-test", backoff=0.01, max_retries=3)
+        try:
+            first = await client.complete(REQUEST)
+            server.__exit__(None, None, None)  # the endpoint goes away
+            second = await asyncio.gather(client.complete(REQUEST), return_exceptions=True)
+        finally:
+            await client.aclose()
+        return first, second[0], client.usage.attempts
+
+    first, second, attempts = asyncio.run(main())
+    assert first.text == "[[A]]"
+    assert isinstance(second, CallFailed) and "connection refused" in str(second), second
+    assert attempts == 1 + 1 + 3
 
 
 def test_consecutive_failures_abort():

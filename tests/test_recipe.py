@@ -144,3 +144,54 @@ def test_every_shipped_recipe_validates(cli):
         result = cli("pipeline", "--check", path)
         assert result.exit_code == 0, f"{path.name}: {result.stderr}"
         assert not check_columns(load_recipe(path))
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        (
+            [{"dedupe": {"model": "static"}}, {"score": {"member": ["bogus"]}}],
+            "stages[1].score.member[0]: unknown reward member 'bogus'",
+        ),
+        ([{"dedupe": {}}, {"score": {"member": []}}], "stages[1].score.member: give at least one reward member"),
+        (
+            [{"score": {"member": ["embedding-bt", "hf:"]}}],
+            "stages[0].score.member[1]: unknown reward member 'hf:'",
+        ),
+        (
+            [{"score": {"member": ["hf:org-a/rm", "hf:org-b/rm"]}}],
+            "stages[0].score.member[1]: 'hf:org-b/rm' has the same column name (hf_rm) as member[0]",
+        ),
+        ([{"score": {"device": "gpu"}}], "stages[0].score.device: expected auto, cpu or cuda, got 'gpu'"),
+        (
+            [{"dedupe": {"normalize": ["none", "case"]}}],
+            "stages[0].dedupe: --normalize none cannot be combined",
+        ),
+        ([{"dedupe": {"index": "hnsw", "device": "cuda"}}], "stages[0].dedupe.index: FAISS has no HNSW index on GPU"),
+    ],
+)
+def test_stage_options_checked_only_at_run_time_are_resolved_at_load(tmp_path, stages, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_write(tmp_path, _base(stages=stages)))
+    assert str(err.value).startswith(message)
+
+
+def test_a_bad_score_member_is_an_error_before_any_work(tmp_path, cli):
+    """`pipeline --check` and a run both stop at a reward member that cannot exist, with the key
+    path, before a stage runs (the run used to ingest and dedupe first)."""
+    write_jsonl(tmp_path / "data" / "natural.jsonl", llmbar_rows("natural"))
+    for members, message in (
+        (["bogus"], "stages[1].score.member[0]: unknown reward member 'bogus'"),
+        ([], "stages[1].score.member: give at least one reward member"),
+    ):
+        stages = [{"dedupe": {"model": "static"}}, {"score": {"member": members}}]
+        path = _write(tmp_path, _base(stages=stages))
+        for args in (("--check", path), (path,)):
+            result = cli("pipeline", *args)
+            assert result.exit_code == 2, (args, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+        assert not (tmp_path / "work").exists()  # no stage ran
+    good = _base(stages=[{"dedupe": {"model": "static"}}, {"score": {"member": ["embedding-bt:static", "judge"]}}])
+    result = cli("pipeline", "--check", _write(tmp_path, good))
+    assert result.exit_code == 2 and "needs column(s) judge_pref" in result.stderr  # members parse; chain checked

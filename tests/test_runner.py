@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
-from prefcurate.recipe import load_recipe
+from prefcurate.errors import ConfigError
+from prefcurate.recipe import StageSpec, load_recipe
 from prefcurate.runner import run_recipe
 from prefcurate.shards import Manifest, count_rows
+from prefcurate.stages.score import ScoreConfig
 from tests.conftest import hh_rows, llmbar_rows, write_jsonl
 
 
@@ -72,3 +75,24 @@ def test_pipeline_command_prints_a_summary_and_resumes(tmp_path, cli):
     assert "recipe resume" in result.stderr and "02-filter" in result.stderr
     again = cli("pipeline", path)
     assert again.exit_code == 0 and again.stderr.count("skipped") >= 4
+
+
+def test_a_run_checks_stage_options_and_eval_sets_before_the_first_stage(tmp_path, cli):
+    path = _recipe(tmp_path)
+    recipe = load_recipe(path)  # then a stage added by hand, past load_recipe's checks
+    recipe.stages.append(StageSpec("score", ScoreConfig(member=["embedding-bt", "nope"]), "stages[2].score"))
+    with pytest.raises(ConfigError, match=r"^stages\[2\]\.score\.member\[1\]: unknown reward member 'nope'"):
+        run_recipe(recipe)
+    assert not (tmp_path / "work").exists()
+
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"][0]["dedupe"]["against"] = ["data/natural.jsonl", "evals/missing.jsonl"]
+    path.write_text(yaml.safe_dump(raw))
+    check = cli("pipeline", "--check", path)  # --check touches no data: it does not look
+    assert check.exit_code == 0, check.stderr
+    result = cli("pipeline", path)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: stages[0].dedupe.against[1]: "), result.stderr
+    assert "missing.jsonl: no such file or directory" in lines[0]
+    assert not (tmp_path / "work").exists()  # ingest did not run first

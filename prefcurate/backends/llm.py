@@ -13,7 +13,15 @@ because bulk work wants different ones:
   jitter, waiting exactly ``Retry-After`` (or OpenAI's ``retry-after-ms``) when the server says;
 - errors no retry can fix stop the run at once (401/403: the key; 404: the model or URL), and
   so does a run of consecutive failures (the endpoint is down): a million rows marked
-  "connection refused" help nobody, and answers already received stay in the cache.
+  "connection refused" help nobody, and answers already received stay in the cache;
+- an endpoint that cannot be connected to at all (connection refused, unknown host) before
+  it has answered once stops the run after ``UNREACHED_RETRIES`` quick retries, instead of
+  every request backing off through all its retries first: nothing is listening there. Once
+  the endpoint has answered, the same errors are transient (a restart) and retried as usual;
+- once the run is stopped, every request still in flight or waiting to retry stops too.
+
+A failure is reported by its real cause: some transports (the SDK's aiohttp client) label a
+refused connection a timeout; the message names the refusal.
 
 The API key is passed in by the caller and lives only in the SDK client object.
 """
@@ -26,6 +34,7 @@ import json
 import math
 import os
 import random
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
@@ -62,6 +71,7 @@ RETRY_STATUS = {408, 409, 429}
 FATAL_STATUS = {401: "check the key in ${env}", 403: "check the key in ${env}", 404: "check --model and --base-url"}
 MAX_BACKOFF = 60.0
 MAX_RETRY_AFTER = 300.0
+UNREACHED_RETRIES = 2  # retries of a connection that cannot be made, before the endpoint ever answered
 
 
 def resolve_base_url(base_url: str | None) -> str:
@@ -233,6 +243,7 @@ class ChatClient:
             http_client=_http_client(openai, timeout),
         )
         self.api_key_env = api_key_env
+        self.base_url = redact_url(base_url)
         self.semaphore = asyncio.Semaphore(concurrency)
         self.rpm = TokenBucket(rpm) if rpm else None
         self.tpm = TokenBucket(tpm) if tpm else None
@@ -241,6 +252,8 @@ class ChatClient:
         self.abort_after = abort_after
         self.usage = Usage()
         self._consecutive_failures = 0
+        self._reached = False  # the endpoint has answered (anything, an error status included)
+        self._stopped: StageFailed | None = None  # the error that stopped the run
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -250,27 +263,41 @@ class ChatClient:
         estimate = estimate_tokens(request)
         attempt = 0
         while True:
+            self._check_stopped()
             if self.rpm:
                 await self.rpm.acquire(1)
             charged = await self.tpm.acquire(estimate) if self.tpm else 0.0
             async with self.semaphore:
+                self._check_stopped()
                 self.usage.attempts += 1
                 try:
                     # The SDK's documented raw ``post``: its auth, base URL, timeouts and
                     # error types, without re-validating the request and building a pydantic
                     # model per answer (the bulk of its per-request CPU cost).
                     response = await self._client.post("/chat/completions", body=request, cast_to=self._response_type)
+                    self._reached = True
                     payload = _json_body(response)
                 except (self._openai.APIError, _BadAnswer) as exc:
+                    if isinstance(exc, self._openai.APIStatusError):
+                        self._reached = True
                     error = exc
                 else:
                     return self._accept(payload, charged)
-            delay = self._retry_delay(error, attempt)
+            try:
+                delay = self._retry_delay(error, attempt)
+            except StageFailed as exc:
+                self._stopped = exc
+                raise
             if delay is None:
                 self._fail(error)
             self.usage.retries += 1
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _check_stopped(self) -> None:
+        """Another request stopped the run: this one stops too, with the same message."""
+        if self._stopped is not None:
+            raise StageFailed(self._stopped.message, self._stopped.hint)
 
     def _accept(self, payload: dict[str, Any], charged: float) -> Completion:
         usage = payload.get("usage") or {}
@@ -292,6 +319,12 @@ class ChatClient:
         if status in FATAL_STATUS:
             hint = FATAL_STATUS[status].replace("${env}", f"${self.api_key_env}")
             raise StageFailed(f"the endpoint answered {status}: {_message(error)}", hint)
+        unreachable = _unreachable(error)
+        if unreachable is not None and not self._reached and attempt >= min(self.max_retries, UNREACHED_RETRIES):
+            raise StageFailed(
+                f"cannot connect to {self.base_url}: {_describe(unreachable)}",
+                "is the server running? check --base-url",
+            )
         retryable = isinstance(error, self._openai.APIConnectionError) or (
             status is not None and (status in RETRY_STATUS or status >= 500)
         )
@@ -310,10 +343,11 @@ class ChatClient:
         self._consecutive_failures += 1
         message = _message(error)
         if self.abort_after and self._consecutive_failures >= self.abort_after:
-            raise StageFailed(
+            self._stopped = StageFailed(
                 f"{self._consecutive_failures} calls in a row failed (last: {message})",
                 "is the endpoint up? rerun to resume: answers received so far are cached",
             )
+            raise self._stopped
         raise CallFailed(message)
 
 
@@ -356,7 +390,39 @@ class _BadAnswer(Exception):
     """A 200 answer that is not a chat completion (a proxy's HTML page, say): a failed call."""
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from (``__cause__``, else ``__context__``)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(chain) < 16 and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _unreachable(error: BaseException) -> OSError | None:
+    """The OS error behind a connection that could not be made at all (refused, unknown host),
+    or None. A temporary name-resolution failure (EAI_AGAIN) does not count."""
+    for cause in _causes(error):
+        if isinstance(cause, ConnectionRefusedError):
+            return cause
+        if isinstance(cause, socket.gaierror) and cause.errno != socket.EAI_AGAIN:
+            return cause
+    return None
+
+
+def _describe(cause: OSError) -> str:
+    what = "connection refused" if isinstance(cause, ConnectionRefusedError) else "unknown host"
+    detail = cause.strerror or str(cause)
+    return f"{what} ({detail})" if detail and detail.lower() != what else what
+
+
 def _message(error: Exception) -> str:
     status = getattr(error, "status_code", None)
     text = getattr(error, "message", None) or str(error) or type(error).__name__
-    return f"{status}: {text}" if status else f"{type(error).__name__}: {text}"
+    if status:
+        return f"{status}: {text}"
+    unreachable = _unreachable(error)
+    if unreachable is not None:  # aiohttp's transport calls a refused connection a timeout
+        return _describe(unreachable)
+    return f"{type(error).__name__}: {text}"

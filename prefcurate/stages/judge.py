@@ -233,8 +233,12 @@ class JudgeStage(Stage):
                 yield self._result(head, loop.run_until_complete(task))
             ctx.extra.update(session.figures())
         finally:
-            # Stop whatever is still running (an error or an interrupt), then close cleanly.
-            leftover = list(asyncio.all_tasks(loop))
+            # Stop whatever is still running (an error or an interrupt), then close cleanly. The
+            # batches still queued are awaited too, also those that already failed: ``all_tasks``
+            # lists only unfinished tasks, and a failed task nobody awaited is printed with its
+            # traceback when it is collected, after the error line.
+            leftover = list({*(task for _, task in pending), *asyncio.all_tasks(loop)})
+            pending.clear()
             for task in leftover:
                 task.cancel()
             loop.run_until_complete(session.close(leftover))
