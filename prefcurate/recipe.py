@@ -265,7 +265,7 @@ def build_recipe(raw: Any, base: Path, sets: list[str] | None = None, path: Path
         raise ConfigError(f"--set {unknown_sets[0]}.*: no such stage in this recipe")
     workdir = _rel(base, raw.get("workdir") or f".prefcurate/{raw.get('name', 'run')}")
     if os.environ.get("PREFCURATE_WORKDIR"):
-        workdir = Path(os.environ["PREFCURATE_WORKDIR"])
+        workdir = Path(os.environ["PREFCURATE_WORKDIR"]).expanduser()
     return Recipe(
         name=str(raw.get("name") or (path.stem if path else "recipe")),
         workdir=workdir,

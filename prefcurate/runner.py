@@ -10,9 +10,10 @@ from pathlib import Path
 from prefcurate.engines import Engine, get_engine
 from prefcurate.errors import ConfigError, InputError
 from prefcurate.recipe import Recipe, StageSpec, check_columns, check_options, load_recipe
-from prefcurate.shards import Manifest
+from prefcurate.shards import Manifest, check_output_dir
 from prefcurate.stages import get_stage
 from prefcurate.stages.base import NullProgress, Progress
+from prefcurate.stages.ingest_read import HUB_PREFIX
 
 
 @dataclass
@@ -58,6 +59,7 @@ def check_run_inputs(recipe: Recipe) -> None:
     """Before the first stage of a run: the local files a later stage reads besides its input
     (dedupe's evaluation sets) exist, so a typo does not surface after the earlier stages ran.
     (``--check`` touches no data: it does not look.)"""
+    against: list[Path] = []
     for spec in recipe.stages:
         for i, path in enumerate(getattr(spec.config, "against", None) or []):
             if not Path(path).exists():
@@ -65,6 +67,17 @@ def check_run_inputs(recipe: Recipe) -> None:
                     f"{spec.where}.against[{i}]: {path}: no such file or directory",
                     "give a stage directory, a .txt file, JSON/JSONL or Parquet",
                 )
+            against.append(Path(path))
+    # Every directory the run will replace, checked now rather than when its stage comes: an
+    # output over the recipe's inputs or over another stage's directory is refused before work.
+    sources = [Path(s) for s in recipe.input.config.sources if not s.startswith(HUB_PREFIX)]
+    dirs = [directory for _, directory in stage_dirs(recipe)]
+    cache = recipe.workdir / "cache"
+    for directory in dirs:
+        check_output_dir(directory, [*sources, *against], [(cache, f"the request cache {cache}")])
+    if recipe.output is not None:
+        reserved = [(cache, f"the request cache {cache}")] + [(d, f"the stage directory {d}") for d in dirs]
+        check_output_dir(recipe.output.dir, [*sources, *against], reserved)
 
 
 def run_recipe(

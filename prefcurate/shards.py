@@ -340,31 +340,46 @@ class Manifest:
             return None
 
 
-def check_output_dir(output: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
-    """The resolved output directory, or an ``InputError`` when writing it could lose data.
+def check_output_dir(
+    output: str | Path, inputs: Iterable[str | Path] = (), reserved: Iterable[tuple[str | Path, str]] = ()
+) -> Path:
+    """The output directory, resolved (``~`` expanded, symbolic links followed: a link to a
+    directory is written through, not replaced), or an ``InputError`` when writing it could
+    lose data or cannot work.
 
     A stage replaces its output directory whole (``StageOutput.commit``), so it refuses one
-    that holds anything but an earlier prefcurate stage (a non-empty directory without a
-    manifest, or a file), the current directory or one above it (``-o .``), and one that is,
-    contains or lies inside any of ``inputs`` (``ingest data -o data`` deleted the input;
-    ``ingest data -o data/out`` read its own output on the next run)."""
-    out = Path(output).expanduser().resolve()
+    that holds anything but an earlier prefcurate stage (a non-empty directory whose
+    ``manifest.json`` is not a prefcurate manifest, or a file), the current directory or one
+    above it (``-o .``), one that is, contains or lies inside any of ``inputs`` (``ingest
+    data -o data`` deleted the input; ``ingest data -o data/out`` read its own output on the
+    next run), and one that is, contains or lies inside a ``reserved`` (path, what) directory
+    (the judge's request cache, a recipe's other stage directories)."""
+    given = str(output) or "."
     hint = "name a new directory, or an earlier output of a prefcurate stage"
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{output}: exists and is not a directory", hint)
-    cwd = Path.cwd().resolve()
-    if out == cwd or out in cwd.parents:
-        raise InputError(f"{output or '.'}: the output would replace the current directory", hint)
-    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise InputError(
-            f"{output}: not empty and not a prefcurate stage directory (no {MANIFEST}); it would be replaced",
-            f"{hint}, or empty it yourself",
-        )
-    for given in inputs:
-        path = Path(given).expanduser().resolve()
-        if path == out or path in out.parents or out in path.parents:
-            what = "is" if path == out else "is inside" if path in out.parents else "contains"
-            raise InputError(f"{output}: the output {what} the input {given}", hint)
+    try:
+        out = Path(output).expanduser().resolve()
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{given}: exists and is not a directory", hint)
+        parent = next(p for p in out.parents if p.exists())
+        if not parent.is_dir():
+            raise InputError(f"{given}: {parent} is not a directory", hint)
+        cwd = Path.cwd().resolve()
+        if out == cwd or out in cwd.parents:
+            raise InputError(f"{given}: the output would replace the current directory", hint)
+        if out.is_dir() and Manifest.try_load(out) is None and any(out.iterdir()):
+            raise InputError(
+                f"{given}: not empty and not a prefcurate stage directory (no prefcurate {MANIFEST}); "
+                "it would be replaced",
+                f"{hint}, or empty it yourself",
+            )
+        named = [(p, f"the input {p}") for p in inputs] + [(p, what) for p, what in reserved]
+        for path, what in named:
+            other = Path(path).expanduser().resolve()
+            if other == out or other in out.parents or out in other.parents:
+                how = "is" if other == out else "is inside" if other in out.parents else "contains"
+                raise InputError(f"{given}: the output {how} {what}", hint)
+    except OSError as exc:  # a name too long, a loop of links, no permission
+        raise InputError(f"{given}: unusable as an output directory ({exc.strerror or exc})", hint) from None
     return out
 
 
@@ -376,8 +391,11 @@ class StageOutput:
     """
 
     def __init__(self, final_dir: str | Path, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> None:
-        self.final_dir = Path(final_dir)
-        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.final_dir = Path(final_dir).expanduser()
+        try:
+            self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{final_dir}: cannot create its directory ({exc.strerror or exc})") from None
         self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp_dir.mkdir()
         self.data = ShardWriter(self.tmp_dir / DATA_DIR, rows_per_shard)

@@ -157,11 +157,47 @@ def test_a_stage_that_meets_no_row_still_writes_its_schema(tmp_path):
 def test_non_canonical_input_is_a_one_line_error_not_a_crash(tmp_path):
     from prefcurate.shards import write_stage_dir
 
-    as_text = pa.table({"id": ["a"], "prompt": ["p"], "chosen": ["c"], "rejected": ["r"]})  # an export's layout
-    write_stage_dir(tmp_path / "trl", [as_text], stage="export")
+    as_text = pa.table({"id": ["a"], "prompt": ["p"], "chosen": ["c"], "rejected": ["r"]})  # a TRL layout
+    write_stage_dir(tmp_path / "trl", [as_text], stage="outside")
     with pytest.raises(InputError, match="column chosen is string, not the canonical list"):
         ShortFilter(ShortFilterConfig()).run(tmp_path / "trl", tmp_path / "out")
-    write_stage_dir(tmp_path / "kto", [as_text.drop_columns(["chosen", "rejected"])], stage="export")
+    write_stage_dir(tmp_path / "kto", [as_text.drop_columns(["chosen", "rejected"])], stage="outside")
     with pytest.raises(InputError, match="needs column"):
         ShortFilter(ShortFilterConfig()).run(tmp_path / "kto", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kto", "trl"]  # nothing written, no temp left
+
+
+def test_the_output_guard_reads_manifests_follows_links_and_expands_home(pairs_dir, tmp_path, monkeypatch):
+    run = ShortFilter(ShortFilterConfig(max_chars=250)).run
+    webapp = tmp_path / "webapp"
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "a web app"}')  # a manifest, but not prefcurate's
+    (webapp / "index.html").write_text("keep")
+    with pytest.raises(InputError, match="not a prefcurate stage directory"):
+        run(pairs_dir, webapp)
+    assert (webapp / "index.html").read_text() == "keep"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="afile is not a directory"):
+        run(pairs_dir, tmp_path / "afile" / "sub")
+    with pytest.raises(InputError, match="unusable as an output directory"):
+        run(pairs_dir, tmp_path / ("x" * 300))
+    with pytest.raises(InputError, match="request cache"):  # WORKDIR/cache holds the judge's cache
+        run(pairs_dir, tmp_path / "cache")
+    target = tmp_path / "big" / "target"
+    target.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(target)
+    run(pairs_dir, tmp_path / "link")  # written through the link, which stays a link
+    assert (tmp_path / "link").is_symlink() and count_rows(target) > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run(pairs_dir, "~/out")
+    assert count_rows(tmp_path / "home" / "out") > 0
+
+
+def test_an_export_directory_is_not_a_stage_input(pairs_dir, tmp_path):
+    from prefcurate.stages.export import ExportConfig, ExportStage
+
+    ExportStage(ExportConfig(format="trl-chat")).run(pairs_dir, tmp_path / "export")
+    with pytest.raises(InputError, match="an export"):
+        ShortFilter(ShortFilterConfig()).run(tmp_path / "export", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

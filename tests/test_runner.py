@@ -96,3 +96,25 @@ def test_a_run_checks_stage_options_and_eval_sets_before_the_first_stage(tmp_pat
     assert len(lines) == 1 and lines[0].startswith("error: stages[0].dedupe.against[1]: "), result.stderr
     assert "missing.jsonl: no such file or directory" in lines[0]
     assert not (tmp_path / "work").exists()  # ingest did not run first
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("data/export", "is inside the input"),  # read back as data by the next run's ingest
+        ("work/01-dedupe", "is the stage directory"),  # export would replace dedupe's output
+        ("keep", "not a prefcurate stage directory"),  # a directory holding someone's files
+    ],
+)
+def test_a_run_refuses_an_unsafe_output_before_the_first_stage(tmp_path, cli, output, message):
+    path = _recipe(tmp_path)
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("mine")
+    raw = yaml.safe_load(path.read_text())
+    raw["output"]["dir"] = output
+    raw["input"]["sources"] = ["data"]  # the directory of both files
+    path.write_text(yaml.safe_dump(raw))
+    result = cli("pipeline", path)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "work").exists() and (tmp_path / "keep" / "notes.txt").read_text() == "mine"

@@ -282,9 +282,18 @@ class Stage:
         engine: Engine | None = None,
     ) -> tuple[Manifest, bool]:
         """Run the stage from ``input_dir`` into ``output_dir``; returns (manifest, skipped)."""
-        check_output_dir(output_dir, [*([input_dir] if input_dir is not None else []), *self.input_paths()])
+        workdir = Path(workdir).expanduser() if workdir is not None else None
+        inputs = [*([input_dir] if input_dir is not None else []), *self.input_paths()]
+        # the judge's request cache lives in WORKDIR/cache (WORKDIR: the output's parent by default)
+        cache = (workdir or Path(output_dir).expanduser().resolve().parent) / "cache"
+        output_dir = check_output_dir(output_dir, inputs, [(cache, f"the request cache {cache}")])
         source = StageInput(input_dir) if input_dir is not None else None
         if source is not None:
+            if source.manifest is not None and source.manifest.stage == "export":
+                raise InputError(
+                    f"{source.dir}: an export (a training layout, not the canonical schema), not a stage input",
+                    "give the stage directory it was exported from, or `prefcurate ingest` it",
+                )
             check_canonical(source, self.config.requires(), self.name)
         in_fp = self.input_fingerprint(source)
         out_fp = fingerprint(self.name, __version__, in_fp, self.config.fingerprint_params())
@@ -293,7 +302,7 @@ class Stage:
             return previous, True
         output = self.open_output(output_dir, rows_per_shard)
         ctx = StageContext(
-            workdir=Path(workdir) if workdir is not None else Path(output_dir).resolve().parent,
+            workdir=workdir if workdir is not None else output_dir.parent,
             output=output.path,
             progress=progress or NullProgress(),
             engine=engine,
