@@ -13,7 +13,7 @@ from prefcurate.recipe import Recipe, StageSpec, check_columns, check_options, l
 from prefcurate.shards import Manifest, check_output_dir
 from prefcurate.stages import get_stage
 from prefcurate.stages.base import NullProgress, Progress
-from prefcurate.stages.ingest_read import HUB_PREFIX
+from prefcurate.stages.ingest_read import HUB_PREFIX, expand_globs
 
 
 @dataclass
@@ -70,7 +70,7 @@ def check_run_inputs(recipe: Recipe) -> None:
             against.append(Path(path))
     # Every directory the run will replace, checked now rather than when its stage comes: an
     # output over the recipe's inputs or over another stage's directory is refused before work.
-    sources = [Path(s) for s in recipe.input.config.sources if not s.startswith(HUB_PREFIX)]
+    sources = [Path(s) for s in expand_globs(list(recipe.input.config.sources)) if not s.startswith(HUB_PREFIX)]
     dirs = [directory for _, directory in stage_dirs(recipe)]
     cache = recipe.workdir / "cache"
     for directory in dirs:

@@ -50,15 +50,23 @@ BATCH_ROWS = 16_384
 
 # -- reading a directory ------------------------------------------------------------------
 def data_files(directory: str | Path) -> list[Path]:
-    """The data files of a stage directory (``data/``), or of a loose directory of shards."""
+    """The data files of a stage directory (``data/``), or of a loose directory of shards. A
+    directory with no manifest and no shards of its own but a ``data/`` holding some (a stage
+    or export directory copied without its manifest) gives those of ``data/``."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"{directory}: no such directory", "give a stage directory or a directory of shards")
-    base = directory / DATA_DIR if (directory / MANIFEST).is_file() else directory
-    files = sorted([*base.glob("*.parquet"), *base.glob("*.jsonl")])
-    if not files and not (directory / MANIFEST).is_file():
+    has_manifest = (directory / MANIFEST).is_file()
+    files = _shards(directory / DATA_DIR if has_manifest else directory)
+    if not files and not has_manifest:
+        files = _shards(directory / DATA_DIR)
+    if not files and not has_manifest:
         raise InputError(f"{directory}: no .parquet or .jsonl files", "give a stage directory (with manifest.json)")
     return files
+
+
+def _shards(base: Path) -> list[Path]:
+    return sorted([*base.glob("*.parquet"), *base.glob("*.jsonl")])
 
 
 def iter_file_batches(files: Sequence[Path], columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:

@@ -183,6 +183,46 @@ def test_no_score_no_margin_column(tmp_path: Path) -> None:
     assert m.extra["margin_from"] is None
 
 
+def _empty_like(src: Path, out: Path) -> Path:
+    """A stage directory with ``src``'s columns and no row (an input every row left)."""
+    from prefcurate.shards import write_stage_dir
+
+    write_stage_dir(out, [pq.read_table(src / "data").slice(0, 0)], stage="fixture", key="empty")
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["trl", "trl-chat", "openrlhf", "kto"])
+@pytest.mark.parametrize("scored", ["margin_mean", "judge_pref", None])
+def test_empty_input_exports_the_columns_of_a_non_empty_one(tmp_path: Path, fmt: str, scored: str | None) -> None:
+    """An empty input gives the layout's columns a non-empty input with the same columns and
+    options gives: no ``tie`` with ``--ties drop``, ``margin`` from a scored or judged input."""
+    pairs = _tie_pairs()
+    for i, p in enumerate(pairs):
+        if scored == "margin_mean":
+            p["margin_mean"], p["adaptive_margin"] = i - 4.5, max(0.0, i - 4.5)
+        elif scored == "judge_pref":
+            p["judge_pref"] = (i % 5) / 4
+    full = make_stage_dir(tmp_path / "full", pairs)
+    empty = _empty_like(full, tmp_path / "empty")
+    for ties in ("drop", "keep"):
+        options = {"format": fmt, "ties": ties}
+        m = export(empty, tmp_path / f"e-{ties}.parquet", **options)
+        assert (m.rows_in, m.rows_out) == (0, 0)
+        export(full, tmp_path / f"f-{ties}.parquet", **options)
+        (empty_file,) = (tmp_path / f"e-{ties}.parquet" / "data").glob("train-*")
+        (full_file,) = (tmp_path / f"f-{ties}.parquet" / "data").glob("train-*")
+        schema = pq.read_schema(empty_file)
+        assert schema == pq.read_schema(full_file)
+        assert ("tie" in schema.names) == (ties == "keep")
+        assert ("margin" in schema.names) == (scored is not None)
+        # JSON Lines: the empty export is one empty file; the rows of a non-empty one hold
+        # exactly the columns the same options give an empty Parquet export.
+        export(empty, tmp_path / f"e-{ties}.jsonl", to="jsonl", **options)
+        export(full, tmp_path / f"f-{ties}.jsonl", to="jsonl", **options)
+        assert read_rows(tmp_path / f"e-{ties}.jsonl") == []
+        assert {tuple(r) for r in read_rows(tmp_path / f"f-{ties}.jsonl")} == {tuple(schema.names)}
+
+
 def test_hub_layout_shards_and_card(tmp_path: Path) -> None:
     src = make_stage_dir(tmp_path / "in", llmbar_pairs())
     m = export(src, tmp_path / "out", format="trl", to="jsonl", shard_rows=30)

@@ -431,6 +431,95 @@ def test_hf_dataset_dir_and_chat_parquet(cli, tmp_path):
     assert sorted(r["id"] for r in rows) == ["0", "1", "2", "3"]
 
 
+def test_a_stage_or_export_directory_inside_a_directory_gives_its_data_only(cli, tmp_path):
+    """Walking a directory, a prefcurate stage or export directory met on the way gives the
+    files of its data/: not its manifest.json, its card (README.md) nor its rejects/. A
+    manifest.json that is not a prefcurate manifest is data like any other file."""
+    import datasets
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "llmbar.json").write_text(json.dumps(llmbar_rows("natural")[:20]))
+    pairs = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(10)]
+    write_jsonl(tmp_path / "src.jsonl", [*pairs, {"prompt": "p", "chosen": "", "rejected": "r"}])
+    assert cli("ingest", tmp_path / "src.jsonl", "-o", tree / "st", "--quiet").exit_code == 0
+    assert Manifest.load(tree / "st").rows_rejected == 1  # rejects/ holds a row
+    exported = cli("export", tree / "st", "-o", tree / "sub" / "exp", "--format", "trl", "--to", "jsonl", "--quiet")
+    assert exported.exit_code == 0 and (tree / "sub" / "exp" / "README.md").is_file()
+    other = [{"prompt": f"o{i}", "chosen": f"oc{i}", "rejected": f"or{i}"} for i in range(3)]
+    (tree / "other" / "data").mkdir(parents=True)
+    (tree / "other" / "manifest.json").write_text(json.dumps(other, indent=2))  # not a prefcurate manifest
+    write_jsonl(tree / "other" / "data" / "x.jsonl", other[:2])
+    conv = [{"prompt": user(f"q{i}"), "chosen": bot(f"c{i}"), "rejected": bot(f"r{i}")} for i in range(4)]
+    datasets.Dataset.from_list(conv).save_to_disk(str(tree / "hfds"))
+
+    manifest, rows, rejects = run_ingest(cli, tree)
+    assert manifest.extra["records_read"] == {
+        "tree/hfds": 4,
+        "tree/llmbar.json": 20,
+        "tree/other/data/x.jsonl": 2,
+        "tree/other/manifest.json": 3,
+        "tree/st/data/part-00000.parquet": 10,
+        "tree/sub/exp/data/train-00000-of-00001.jsonl": 10,
+    }
+    assert not rejects and len(rows) == 49
+    # the stage directory given itself reads the same way
+    _, rows, rejects = run_ingest(cli, tree / "st", out=Path("o2"))
+    assert len(rows) == 10 and not rejects
+
+
+def _jsonl_pairs(path: Path, tag: str, n: int = 2) -> Path:
+    return write_jsonl(
+        path, [{"prompt": f"{tag}{i}", "chosen": f"c{tag}{i}", "rejected": f"r{tag}{i}"} for i in range(n)]
+    )
+
+
+def test_glob_patterns_in_sources(cli, tmp_path):
+    d = tmp_path / "d"
+    _jsonl_pairs(d / "b.jsonl.gz", "b")
+    _jsonl_pairs(d / "a.jsonl", "a")
+    _jsonl_pairs(d / "sub" / "c.jsonl", "c")
+    _jsonl_pairs(d / "sub" / "deep" / "e.jsonl", "e")
+    (d / "notes.txt").write_text("not data")
+
+    def read(*patterns: str) -> list[str]:
+        manifest, _, _ = run_ingest(cli, *patterns, out=Path("g"))
+        return list(manifest.extra["records_read"])
+
+    assert read("d/*.jsonl*") == ["a.jsonl", "b.jsonl.gz"]  # sorted, not in creation order
+    assert read("d/**/*.jsonl") == ["a.jsonl", "c.jsonl", "e.jsonl"]  # ** spans any depth, none too
+    assert read(str(d / "?.jsonl"), "d/[bc].jsonl.gz") == ["a.jsonl", "b.jsonl.gz"]
+    assert read("d/sub/*") == ["c.jsonl", "deep/e.jsonl"]  # a matched directory reads as one
+    for pattern in ("d/*.csv", "nowhere/**/*.jsonl"):
+        result = cli("ingest", pattern, "-o", "none")
+        assert result.exit_code == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and f"{pattern}: no file" in result.stderr
+
+
+def test_glob_sources_fingerprint_their_files_and_work_in_a_recipe(cli, tmp_path):
+    d = tmp_path / "d"
+    _jsonl_pairs(d / "a.jsonl", "a")
+    stage = IngestStage(IngestConfig(sources=[str(d / "*.jsonl")]))
+    manifest, skipped = stage.run(None, tmp_path / "out")
+    assert not skipped and manifest.rows_out == 2
+    assert stage.run(None, tmp_path / "out")[1]  # unchanged: skipped
+    _jsonl_pairs(d / "b.jsonl", "b")  # a new matching file: the stage runs again
+    manifest, skipped = stage.run(None, tmp_path / "out")
+    assert not skipped and manifest.rows_out == 4
+    assert stage.run(None, tmp_path / "out")[1]
+    _jsonl_pairs(d / "b.jsonl", "b", 3)  # a matching file changed
+    manifest, skipped = stage.run(None, tmp_path / "out")
+    assert not skipped and manifest.rows_out == 5
+
+    recipe = tmp_path / "r" / "recipe.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("name: g\nworkdir: work\ninput:\n  sources: [../d/*.jsonl]\nstages: []\n")
+    result = cli("pipeline", recipe)
+    assert result.exit_code == 0, result.stderr
+    ingested = Manifest.load(tmp_path / "r" / "work" / "00-ingest")
+    assert ingested.rows_out == 5 and list(ingested.extra["records_read"]) == ["a.jsonl", "b.jsonl"]
+
+
 def test_recipe_sources_resolve_relative_to_recipe(tmp_path):
     data = IngestConfig.resolve_recipe_paths({"sources": ["d/x.jsonl", "hf:org/name", "/abs.jsonl"]}, tmp_path)
     assert data["sources"] == [str(tmp_path / "d/x.jsonl"), "hf:org/name", "/abs.jsonl"]

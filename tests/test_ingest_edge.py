@@ -241,6 +241,20 @@ def test_pretty_printed_json_object_is_a_one_line_error(cli, tmp_path):
     assert not Path("out").exists()
 
 
+def test_empty_or_blank_json_file_is_zero_rows_like_an_empty_jsonl(cli, tmp_path):
+    (tmp_path / "empty.json").write_bytes(b"")
+    (tmp_path / "blank.json").write_bytes(b" \n\t\r\n  ")
+    (tmp_path / "empty.json.gz").write_bytes(gzip.compress(b"", mtime=0))
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    # blank past the 64 KiB first read, then a real array: still read
+    (tmp_path / "late.json").write_text(" " * (1 << 17) + '[{"prompt": "p", "chosen": "c", "rejected": "r"}]')
+    names = ["blank.json", "empty.json", "empty.json.gz", "empty.jsonl", "late.json"]
+    manifest, rows, rejects = run_ingest(cli, *(tmp_path / n for n in names))
+    assert manifest.extra["records_read"] == {**dict.fromkeys(names[:4], 0), "late.json": 1}
+    assert [r["prompt"] for r in rows] == [user("p")] and not rejects
+    _one_line_error(cli("ingest", _lines(tmp_path / "x.json", [b"  hello"]), "-o", "out"), "x.json", "not a JSON array")
+
+
 def test_json_lines_in_a_json_file_with_a_broken_first_line_still_ingest(cli, tmp_path):
     (tmp_path / "l.json").write_text('{"prompt": "p",\n{"prompt": "p2", "chosen": "c2", "rejected": "r2"}\n')
     _, rows, rejects = run_ingest(cli, tmp_path / "l.json")

@@ -305,6 +305,39 @@ def test_rating_method(tmp_path):
         assert rows[0]["judge_chosen_score"] == 8.5 and rows[0]["judge_rejected_score"] == 6.0
 
 
+def any_judge(request: dict) -> str:
+    """A verdict for a pairwise request, ratings for a rating request."""
+    if "[Response]" in user_text(request):
+        return json.dumps({"helpfulness": 7, "honesty": 8, "instruction_following": 7, "truthfulness": 8})
+    return verdict_reply("A", request)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"relabel": True, "drop_errors": True}, {"method": "rating", "rationale": True}, {"rationale": True}],
+)
+def test_empty_input_gets_the_judge_columns_and_sends_nothing(tmp_path, options):
+    """An empty input writes the columns a judged batch writes, with the same types, so a
+    later ``score -m judge`` or ``filter --drop-judge-inconsistent`` runs; nothing is sent."""
+    from prefcurate.shards import read_schema
+    from prefcurate.stages.filter import FilterConfig, FilterStage
+    from prefcurate.stages.score import ScoreConfig, ScoreStage
+
+    empty = stage_dir(tmp_path, [], "empty")
+    with FakeOpenAI(any_judge) as server:
+        manifest, rows = judge(empty, tmp_path / "out-empty", server, **options)
+        assert server.count == 0 and rows == [] and manifest.rows_out == 0
+        assert manifest.extra["requests"] == 0
+        judge(stage_dir(tmp_path, llmbar_pairs(2)), tmp_path / "out-full", server, **options)
+        assert server.count > 0
+    schema = read_schema(tmp_path / "out-empty")
+    assert schema is not None and "judge_pref" in schema.names and "judge_consistent" in schema.names
+    assert schema == read_schema(tmp_path / "out-full")
+    FilterStage(FilterConfig(drop_judge_inconsistent=True)).run(tmp_path / "out-empty", tmp_path / "filtered")
+    ScoreStage(ScoreConfig(member=["judge"])).run(tmp_path / "out-empty", tmp_path / "scored")
+    assert "margin__judge" in read_schema(tmp_path / "scored").names
+
+
 def test_usage_and_cost_in_manifest(tmp_path):
     pairs = llmbar_pairs(3)
     with FakeOpenAI(lambda r: Reply(content=verdict_reply("A", r), prompt_tokens=1000, completion_tokens=10)) as server:
@@ -457,3 +490,21 @@ def test_swap_law_and_parsing(votes, noise):
         request = {"response_format": {"type": "json_object"}} if as_json else {}
         text = noise.replace("[", "(") + "\n" + verdict_reply(votes[0], request)
         assert plan.parse(text).label == votes[0]
+
+
+def test_a_template_failing_on_a_row_and_a_url_with_credentials_are_one_line(tmp_path, cli):
+    template = tmp_path / "first.j2"  # fine for a prompt with messages, fails on an empty one
+    template.write_text("Q: {{ prompt_messages[0].content }}\nA: {{ response_a }}\nB: {{ response_b }}\n")
+    inp = stage_dir(tmp_path, [{"prompt": [], "chosen": "Paris is the capital.", "rejected": "Lyon is."}])
+    with FakeOpenAI(always("A")) as server:
+        result = cli(
+            "judge", inp, "-o", tmp_path / "out", "-m", "x", "--base-url", server.base_url, "--template", template
+        )
+        assert result.exit_code == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "rendering a pair failed" in result.stderr
+        assert not server.requests
+        netloc = server.base_url.split("//", 1)[1]
+        result = cli("judge", inp, "-o", tmp_path / "out", "-m", "x", "--base-url", f"http://user:pw@{netloc}")
+        assert result.exit_code == 2 and "credentials in the URL" in result.stderr and "pw" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not server.requests
+    assert not (tmp_path / "out").exists()

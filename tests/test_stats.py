@@ -269,3 +269,25 @@ def test_a_loose_directory_mixing_datasets_is_one_line_error(cli, tmp_path: Path
     assert result.stderr.strip().count("\n") == 0 and "b.jsonl" in result.stderr and "prompt" in result.stderr
     (loose / "b.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "c", "rejected": "d"}) + "\n")
     assert compute_stats(loose)["rows"] == 2
+
+
+def test_a_directory_whose_rows_are_under_data_without_a_manifest(cli, tmp_path: Path) -> None:
+    """A stage or export directory copied without its manifest.json: its rows are read from
+    data/ (figures equal those of the directory with its manifest, lineage aside)."""
+    src = make_stage_dir(tmp_path / "stage", llmbar_pairs()[:30])
+    ExportStage(ExportConfig(format="trl", to="jsonl")).run(src, tmp_path / "export")
+    for name in ("stage", "export"):
+        with_manifest = compute_stats(tmp_path / name)
+        bare = tmp_path / f"bare-{name}"
+        shutil.copytree(tmp_path / name, bare)
+        (bare / "manifest.json").unlink()
+        f = compute_stats(bare)
+        assert f["stage"] is None and f["rows"] == with_manifest["rows"] == 30
+        assert f["columns"] == with_manifest["columns"] and f["lengths"] == with_manifest["lengths"]
+    result = cli("stats", tmp_path / "bare-export")
+    assert result.exit_code == 0, result.stderr
+    assert "(no manifest)" in result.stdout and "30" in result.stdout
+    empty = tmp_path / "nothing"
+    (empty / "data").mkdir(parents=True)
+    result = cli("stats", empty)
+    assert result.exit_code == 2 and "no .parquet or .jsonl files" in result.stderr

@@ -173,6 +173,7 @@ def stats(
     figures = compute_stats(directory)
     if as_json:
         sys.stdout.write(json.dumps(figures, indent=2, default=str) + "\n")
+        sys.stdout.flush()
         return
     from prefcurate.cli.stats_view import render_stats
 

@@ -317,7 +317,7 @@ class ExportStage(Stage):
         from prefcurate.stats import FigureAccumulator, footer_ranges
 
         assert source is not None, "export needs an input directory"
-        self._margin_from = next((c for c in ("margin_mean", "judge_pref") if c in source.columns), None)
+        self._configure(source)
         floats = [c for c in (self._margin_from, "adaptive_margin") if c and c in source.columns]
         ranges = footer_ranges(shard_paths(source.dir), floats) or {}
         if self._margin_from in ranges:
@@ -325,8 +325,6 @@ class ExportStage(Stage):
             ranges["margin"] = (
                 (lo, hi) if self._margin_from == "margin_mean" else tuple(self._judge_margin(np.array([lo, hi])))
             )
-        self._has_adaptive = "adaptive_margin" in source.columns
-        self._has_tie = "tie" in source.columns
         floats = ["margin"] * (self._margin_from is not None) + ["adaptive_margin"] * self._has_adaptive
         schema = pa.schema(
             [("chosen", MESSAGES), ("rejected", MESSAGES), ("source", pa.string())]
@@ -347,6 +345,21 @@ class ExportStage(Stage):
             ties={"count": self._ties, "policy": self.config.ties},
             figures=self._figures.result(),
         )
+
+    def _configure(self, source: StageInput) -> None:
+        """What the input holds that the pair columns (``_pairs``) depend on."""
+        self._margin_from = next((c for c in ("margin_mean", "judge_pref") if c in source.columns), None)
+        self._has_adaptive = "adaptive_margin" in source.columns
+        self._has_tie = "tie" in source.columns
+
+    def empty_output(self, source: StageInput | None) -> pa.Table | None:
+        """No pair came (an empty input): the pair columns a batch of this input would give
+        (``_pairs``: no ``tie`` with ``--ties drop``, ``margin`` from a scored or judged
+        input), so the files have the layout's columns of a non-empty export."""
+        if source is None or source.schema is None:
+            return None
+        self._configure(source)
+        return self._pairs(source.schema.empty_table())
 
     @staticmethod
     def _judge_margin(pref: np.ndarray) -> np.ndarray:

@@ -39,7 +39,15 @@ from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext
 from prefcurate.stages.ingest_formats import NORMALIZERS, Layout, Pair, RowProblem, detect
 from prefcurate.stages.ingest_ratings import Binarizer
 from prefcurate.stages.ingest_ratings import number as _number
-from prefcurate.stages.ingest_read import HUB_PREFIX, RawChunk, Source, progress_total, read_chunks, resolve_sources
+from prefcurate.stages.ingest_read import (
+    HUB_PREFIX,
+    RawChunk,
+    Source,
+    expand_globs,
+    progress_total,
+    read_chunks,
+    resolve_sources,
+)
 
 REJECT_SCHEMA = pa.schema(
     [("raw", pa.string()), ("source", pa.string()), ("source_row", pa.int64()), (REJECT_REASON, pa.string())]
@@ -52,8 +60,10 @@ class IngestConfig(StageConfig):
     sources: list[str] = Field(
         ...,
         min_length=1,
-        description="Input files (.jsonl, .json, .csv, .parquet, optionally .gz), directories of them, "
-        "local Hugging Face dataset directories, or Hub ids hf:org/name[:split].",
+        description="Input files (.jsonl, .json, .csv, .parquet, optionally .gz), glob patterns of them "
+        "(quoted: 'data/*.jsonl.gz', 'data/**/*.parquet'), directories of them (a prefcurate stage or export "
+        "directory, also one inside, gives its data/ files, not its rejects/), local Hugging Face dataset "
+        "directories, or Hub ids hf:org/name[:split].",
         json_schema_extra={"cli": {"argument": True}},
     )
     format: Literal["auto", "trl", "trl-chat", "implicit", "hh-rlhf", "pairwise", "ultrafeedback"] = Field(
@@ -113,10 +123,14 @@ class IngestStage(Stage):
         return SCHEMA.empty_table()
 
     def input_paths(self) -> list[Path]:
-        return [Path(s) for s in self.config.sources if not s.startswith(HUB_PREFIX)]
+        return [Path(s) for s in expand_globs(self._local_sources())]
+
+    def _local_sources(self) -> list[str]:
+        return [s for s in self.config.sources if not s.startswith(HUB_PREFIX)]
 
     def input_fingerprint(self, source: StageInput | None) -> str:
-        local = [s for s in self.config.sources if not s.startswith(HUB_PREFIX)]
+        # Glob patterns count by the files they match now: a new matching file reruns the stage.
+        local = expand_globs(self._local_sources())
         hub = [s for s in self.config.sources if s.startswith(HUB_PREFIX)]
         return fingerprint(files_fingerprint(local), hub)
 

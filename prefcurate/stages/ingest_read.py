@@ -23,9 +23,11 @@ surrogate escape such as ``"\\udc00"`` in JSON) makes that row a reject ``undeco
 from __future__ import annotations
 
 import codecs
+import glob
 import gzip
 import io
 import json
+import os
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -132,8 +134,33 @@ def is_hf_dataset_dir(path: Path) -> bool:
     )
 
 
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
+def glob_matches(spec: str) -> list[str] | None:
+    """The paths a source that is a glob pattern stands for, sorted (``*``, ``?``, ``[...]``,
+    and ``**`` for any depth; names starting with a dot match only a pattern's dot), or None
+    when ``spec`` is not a pattern: a Hub id, or a path that exists (a file may well be named
+    ``a[1].jsonl``), or one without a wildcard. An empty list: a pattern nothing matches."""
+    if spec.startswith(HUB_PREFIX) or not _GLOB_MAGIC.search(spec) or Path(spec).expanduser().exists():
+        return None
+    return sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+
+
+def expand_globs(specs: list[str]) -> list[str]:
+    """``specs`` with each glob pattern replaced by its matches (a pattern that matches
+    nothing is kept as it is: ``resolve_sources`` reports it)."""
+    out: list[str] = []
+    for spec in specs:
+        matches = glob_matches(spec)
+        out.extend(matches if matches else [spec])
+    return out
+
+
 def resolve_sources(specs: list[str]) -> list[Source]:
-    """Expand ``SRC...`` into sources: files, directories of files, HF dataset dirs, ``hf:`` ids."""
+    """Expand ``SRC...`` into sources: files, directories of files, HF dataset dirs, ``hf:`` ids.
+    A glob pattern (``data/*.jsonl.gz``, ``data/**/*.parquet``) that is not itself an existing
+    path stands for its matches, sorted, each read as if given by name."""
     out: list[Source] = []
     for spec in specs:
         if spec.startswith(HUB_PREFIX):
@@ -141,6 +168,12 @@ def resolve_sources(specs: list[str]) -> list[Source]:
             if not repo:
                 raise DataError("empty Hub dataset id", file=spec, hint="write hf:org/name or hf:org/name:split")
             out.append(Source(name=spec, kind="hf-hub", hub_id=repo, split=split or None))
+            continue
+        matches = glob_matches(spec)
+        if matches is not None:
+            if not matches:
+                raise DataError("no file or directory matches this pattern", file=spec, hint="check the pattern")
+            out.extend(resolve_sources(matches))
             continue
         path = Path(spec)
         if not path.exists():
@@ -159,21 +192,50 @@ def resolve_sources(specs: list[str]) -> list[Source]:
     return out
 
 
+def is_prefcurate_dir(path: Path) -> bool:
+    """A prefcurate stage or export directory: a ``data/`` directory and a ``manifest.json``
+    that loads as a prefcurate manifest (another tool's ``manifest.json`` does not count)."""
+    from prefcurate.shards import DATA_DIR, MANIFEST, Manifest
+
+    return (path / MANIFEST).is_file() and (path / DATA_DIR).is_dir() and Manifest.try_load(path) is not None
+
+
 def _dir_sources(path: Path) -> list[Source]:
+    """The sources of a directory, walked in name order; names starting with a dot are skipped.
+
+    A prefcurate stage or export directory, the one given or one met on the way, gives the
+    files of its ``data/`` only: not ``manifest.json``, the dataset card (README.md), nor
+    ``rejects/`` (the rows a stage removed are not data to curate; give ``DIR/rejects`` by
+    name to read them). A Hugging Face dataset directory met on the way is read as one."""
     if is_hf_dataset_dir(path):
         return [Source(name=path.name, kind="hf-dir", path=path)]
-    if (path / "manifest.json").is_file() and (path / "data").is_dir():
-        # A prefcurate stage or export directory: its rows are under data/ (not the manifest,
-        # the card or rejects/).
+    if is_prefcurate_dir(path):
         path = path / "data"
-    files = [
-        f
-        for f in sorted(path.rglob("*"))
-        if f.is_file() and _kind_of(f) and not any(p.startswith(".") for p in f.relative_to(path).parts)
-    ]
-    if not files:
+    base = path.parent
+    out: list[Source] = []
+    _walk(path, base, out)
+    if not out:
         raise DataError("directory holds no .jsonl, .json, .csv or .parquet files", file=str(path))
-    return [Source(name=str(f.relative_to(path.parent)), kind=_kind_of(f) or "", path=f) for f in files]
+    return out
+
+
+def _walk(directory: Path, base: Path, out: list[Source]) -> None:
+    # Children in name order, a directory's files where its name sorts (as sorted(rglob) did);
+    # symbolic links to directories are not followed (a link loop cannot hang the walk).
+    for child in sorted(directory.iterdir(), key=lambda p: p.name):
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            if child.is_symlink():
+                continue
+            if is_hf_dataset_dir(child):
+                out.append(Source(name=str(child.relative_to(base)), kind="hf-dir", path=child))
+            elif is_prefcurate_dir(child):
+                _walk(child / "data", base, out)
+            else:
+                _walk(child, base, out)
+        elif child.is_file() and (kind := _kind_of(child)):
+            out.append(Source(name=str(child.relative_to(base)), kind=kind, path=child))
 
 
 def read_chunks(source: Source, on_progress: Callable[[int], None]) -> Iterator[RawChunk]:
@@ -417,6 +479,11 @@ def _read_json(source: Source, on_progress: Callable[[int], None]) -> Iterator[R
         try:
             _check_not_utf16(binary.peek(4)[:4], source)
             head = text.read(1 << 16)
+            while head and not head.strip():  # blank so far: the first value may be further on
+                head = text.read(1 << 16)
+            if not head:  # an empty (or blank) file: no rows, as an empty .jsonl
+                report()
+                return
             shape = _json_shape(head)
             if shape == "lines":
                 yield from _read_jsonl(source, on_progress)

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -131,6 +132,19 @@ class JudgeConfig(StageConfig):
             raise ValueError("give at least one aspect")
         return value
 
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # user:password@ cannot ride beside the API key's Authorization header (the client refuses
+        # both), and would be one step from the manifest
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.username or parts.password:
+                raise ValueError(
+                    "credentials in the URL are not supported: put the key in $OPENAI_API_KEY (--api-key-env)"
+                )
+        return value
+
     @field_validator("api_key_env")
     @classmethod
     def _key_name(cls, value: str) -> str:
@@ -210,6 +224,14 @@ class JudgeStage(Stage):
             params["base_url"] = redact_url(params["base_url"])
         return params
 
+    def empty_output(self, source: StageInput | None) -> pa.Table | None:
+        """An empty input still gets every judge column, typed as a judged batch writes them
+        (``annotate`` on no rows), so later stages (``score -m judge``, ``filter
+        --drop-judge-inconsistent``) find them."""
+        if source is None or source.schema is None:
+            return None
+        return annotate(source.schema.empty_table(), [], self.config)
+
     def process(self, source: StageInput | None, ctx: StageContext) -> Iterator[BatchResult]:
         assert source is not None, "judge needs an input directory"
         cfg = self.config
@@ -217,6 +239,11 @@ class JudgeStage(Stage):
         cache_path = Path(ctx.workdir) / "cache" / "judge.sqlite"
         if cfg.dry_run:
             self._dry_run(source, plan, cache_path)
+        if source.num_rows == 0:
+            # Nothing to judge: open no client (no request, not even a connection) and no cache;
+            # the base writes ``empty_output``'s schema.
+            ctx.extra.update(JudgeSession(cfg, plan, cache_path, ctx.progress.task("judge", total=0)).figures())
+            return
         session = JudgeSession(cfg, plan, cache_path, ctx.progress.task("judge", total=source.num_rows, unit="pairs"))
         loop = asyncio.new_event_loop()
         pending: deque[tuple[pa.RecordBatch, asyncio.Task[list[RowVerdict]]]] = deque()

@@ -227,9 +227,9 @@ class JudgeSession:
 
     def figures(self) -> dict[str, Any]:
         """What goes into the manifest's ``extra`` (and therefore into stats and the card)."""
-        from prefcurate.backends.llm import cost_usd, price_for
+        from prefcurate.backends.llm import Usage, cost_usd, price_for
 
-        usage = self.client.usage if self.client is not None else None
+        usage = self.client.usage if self.client is not None else Usage()  # no client: nothing was sent
         prices = price_for(self.cfg.model, self.cfg.price_input, self.cfg.price_output)
         judged = self.rows - self.row_errors
         figures: dict[str, Any] = {
@@ -246,7 +246,6 @@ class JudgeSession:
             else None,
             "price_per_1m": list(prices) if prices else None,
         }
-        if usage is not None:
-            figures.update(usage.as_dict())
-            figures["cost_usd"] = cost_usd(usage.prompt_tokens, usage.completion_tokens, prices)
+        figures.update(usage.as_dict())
+        figures["cost_usd"] = cost_usd(usage.prompt_tokens, usage.completion_tokens, prices)
         return figures

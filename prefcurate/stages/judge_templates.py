@@ -263,7 +263,13 @@ class Prompts:
 
         values = {"prompt": render_transcript(prompt), "response_a": response_a, "response_b": response_b}
         if self.user_template is not None:
-            text = self.user_template.render(**values, prompt_messages=prompt)
+            try:
+                text = self.user_template.render(**values, prompt_messages=prompt)
+            except Exception as exc:  # jinja2's UndefinedError, SecurityError, the template's own 1/0
+                raise ConfigError(
+                    f"--template: rendering a pair failed ({type(exc).__name__}: {exc})",
+                    "make the template work for every pair, e.g. {% if prompt_messages %} for an empty prompt",
+                ) from None
             return self._messages(self.system, text)
         text = self._pairwise.render(**values, instruction=pairwise_instruction(self.json_mode, self.rationale))
         return self._messages(self.system or PAIRWISE_SYSTEM, text)
