@@ -15,7 +15,8 @@ directory finds the splits without guessing.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import yaml
@@ -107,12 +108,34 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_LOCAL = ("/", "~", "./", "../")
+# ``hf:/models/rm``, ``embedding-bt:./minilm``: a member spec (``prefix:``) naming a local path.
+# ``//`` after the colon is a URL (``http://host/...``), left as it is; ``hf:org/name`` is a Hub id.
+_SPEC_PATH = re.compile(r"^(?P<prefix>[A-Za-z][\w.+-]*):(?P<path>(?:/(?!/)|~|\.\.?/).*)$", re.S)
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
 def _public(value: Any) -> Any:
-    """Local paths become file names: a card is published, the machine's layout is not."""
-    if isinstance(value, list):
+    """Local paths become file names: a card is published, the machine's layout is not.
+
+    A path is a string starting with ``/``, ``~``, ``./``, ``../``, a drive (``C:\\``) or
+    ``file://``, or such a path after a member prefix (``hf:/tmp/x/tiny-rm`` ->
+    ``hf:tiny-rm``). Hub ids (``hf:org/name``), URLs and other strings are kept.
+    """
+    if isinstance(value, list | tuple):
         return [_public(v) for v in value]
-    if isinstance(value, str) and value.startswith(("/", "~", "./", "../")):
+    if isinstance(value, dict):
+        return {_public(k): _public(v) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    if value.startswith(_LOCAL):
         return Path(value).name
+    if _DRIVE.match(value):
+        return PureWindowsPath(value).name
+    if value.startswith("file://"):
+        return Path(value.removeprefix("file://")).name
+    if m := _SPEC_PATH.match(value):
+        return f"{m['prefix']}:{Path(m['path']).name}"
     return value
 
 
@@ -123,8 +146,8 @@ def _options(params: dict[str, Any]) -> str:
 
 def _extras(entry: dict[str, Any]) -> str:
     extra = {k: v for k, v in (entry.get("extra") or {}).items() if k not in ("figures", "files")}
-    flat = {k: v for k, v in _flatten(extra).items() if v is not None}
-    return "; ".join(f"{k}={_fmt_value(_public(v), 40)}" for k, v in flat.items()) or "-"
+    flat = {k: v for k, v in _flatten(_public(extra)).items() if v is not None}  # paths as keys too
+    return "; ".join(f"{k}={_fmt_value(v, 40)}" for k, v in flat.items()) or "-"
 
 
 def lineage_table(manifest: Manifest) -> str:

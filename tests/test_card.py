@@ -136,3 +136,43 @@ def test_card_names_no_local_paths(tmp_path: Path) -> None:
     ExportStage(ExportConfig()).run(tmp_path / "ingested", tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "prefs.jsonl" in card and str(tmp_path) not in card
+
+
+@pytest.mark.parametrize(
+    ("value", "public"),
+    [
+        ("hf:/tmp/x/tiny-rm", "hf:tiny-rm"),
+        ("hf:/tmp/x/tiny-rm/", "hf:tiny-rm"),
+        ("hf:~/models/rm", "hf:rm"),
+        ("hf:./models/rm", "hf:rm"),
+        ("embedding-bt:/path/to/model", "embedding-bt:model"),
+        ("embedding-bt:../minilm", "embedding-bt:minilm"),
+        ("/home/me/data/prefs.jsonl", "prefs.jsonl"),
+        ("C:\\Users\\me\\prefs.jsonl", "prefs.jsonl"),
+        ("file:///home/me/prefs.jsonl", "prefs.jsonl"),
+        # kept: Hub ids, named members, URLs, plain words
+        ("hf:OpenAssistant/reward-model-deberta-v3-large-v2", "hf:OpenAssistant/reward-model-deberta-v3-large-v2"),
+        ("embedding-bt:minilm", "embedding-bt:minilm"),
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+        ("judge", "judge"),
+    ],
+)
+def test_public_strips_local_paths_inside_member_specs(value: str, public: str) -> None:
+    from prefcurate.card import _public
+
+    assert _public(value) == public
+    assert _public({"members": {"m": {"spec": value}}, value: 1}) == {"members": {"m": {"spec": public}}, public: 1}
+
+
+def test_card_names_no_local_model_paths(tmp_path: Path) -> None:
+    from prefcurate.stages.score import ScoreConfig, ScoreStage
+    from tests.test_score import _build_rm, _pairs
+
+    words = sorted({w for p in _pairs(6) for w in (p["prompt"] + " " + p["chosen"] + " " + p["rejected"]).split()})
+    rm = _build_rm(tmp_path / "private" / "models" / "tiny-rm", words, template=True)
+    src = make_stage_dir(tmp_path / "in", _pairs(6))
+    ScoreStage(ScoreConfig(member=[f"hf:{rm}"])).run(src, tmp_path / "scored")
+    ExportStage(ExportConfig()).run(tmp_path / "scored", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert str(tmp_path) not in card and "/private/" not in card
+    assert 'member=["hf:tiny-rm"]' in card and "spec=hf:tiny-rm" in card

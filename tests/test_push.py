@@ -1,7 +1,8 @@
 """``prefcurate push`` and a recipe's ``output.push``, against a local Hub on 127.0.0.1.
 
 The fake Hub (tests/fake_hub.py) speaks the endpoints huggingface_hub uses to create a repo,
-a branch, and one commit (preupload, LFS batch + PUT + verify, NDJSON commit). Xet uploads
+a branch, list a revision's files (the tree API, paginated), and one commit (preupload, LFS
+batch + PUT + verify, NDJSON commit with added and deleted files). Xet uploads
 are switched off with ``HF_HUB_DISABLE_XET`` (documented, users have it too), so parquet
 shards travel over the LFS batch API. huggingface_hub reads some settings once at import,
 so the fixture sets both the environment and the already-imported constants.
@@ -236,3 +237,91 @@ def test_recipe_with_the_token_inline_is_not_uploaded(hub: FakeHub, tmp_path: Pa
     assert result.exit_code == 2
     assert "recipe.yaml contains your Hub token" in result.stderr and TOKEN not in result.stderr
     assert hub.commits == [] and os.path.isdir(tmp_path / "out" / "hh")
+
+
+def _export(tmp_path: Path, cli: Any, name: str, *options: str) -> Path:
+    """Another export of the ``export_dir`` fixture's ingested rows (it must have run)."""
+    out = tmp_path / name
+    result = cli("export", tmp_path / "ingested", "-o", out, "--test-size", "0.2", "-q", *options)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def _local_files(export: Path) -> set[str]:
+    return {f"data/{p.name}" for p in (export / "data").iterdir()}
+
+
+def _rows_by_split(files: dict[str, bytes], card: str) -> dict[str, int]:
+    """Rows per split as the Hub would serve them: the card's configs globs over the repo's files."""
+    (config,) = _front_matter(card)["configs"]
+    return {
+        f["split"]: sum(
+            pq.read_table(io.BytesIO(blob)).num_rows for p, blob in files.items() if fnmatch.fnmatch(p, f["path"])
+        )
+        for f in config["data_files"]
+    }
+
+
+def _local_rows(export: Path) -> dict[str, int]:
+    return {
+        s: sum(pq.ParquetFile(p).metadata.num_rows for p in (export / "data").glob(f"{s}-*")) for s in ("train", "test")
+    }
+
+
+def test_pushing_again_replaces_the_data_and_keeps_other_files(
+    hub: FakeHub, export_dir: Path, tmp_path: Path, cli: Any
+) -> None:
+    from huggingface_hub import HfApi
+
+    many = _export(tmp_path, cli, "many", "--shard-rows", "100")  # 3 train shards
+    one = _export(tmp_path, cli, "one")  # 1 train shard; the test shard keeps its name
+    assert len([p for p in _local_files(many) if p.startswith("data/train-")]) > 1
+    assert cli("push", many, "--repo-id", "curators/again").exit_code == 0
+    assert {p for p in hub.files("curators/again") if p.startswith("data/")} == _local_files(many)
+
+    # The owner adds files of their own: prefcurate's push must leave them alone.
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.upload_file(path_or_fileobj=b"notes", path_in_repo="NOTES.md", repo_id="curators/again", repo_type="dataset")
+    api.upload_file(
+        path_or_fileobj=b"keep", path_in_repo="extra/keep.txt", repo_id="curators/again", repo_type="dataset"
+    )
+    hub.tree_page_size = 2  # the listing of the repo spans pages
+    before = len(hub.commits)
+
+    result = cli("push", one, "--repo-id", "curators/again")  # the repo exists: a 409 create is fine
+    assert result.exit_code == 0, result.stderr
+    assert len(hub.commits) == before + 1  # still one commit: adds and deletes together
+    commit = hub.commits[-1]
+    stale = _local_files(many) - _local_files(one)
+    assert stale and commit.deleted == sorted(stale)
+    assert "removed" in result.stderr
+    files = hub.files("curators/again")
+    assert {p for p in files if p.startswith("data/")} == _local_files(one)
+    assert files["NOTES.md"] == b"notes" and files["extra/keep.txt"] == b"keep"
+    assert _rows_by_split(files, files["README.md"].decode()) == _local_rows(one)
+
+    # What the Hub serves loads with exactly the pushed rows (the repo as stored on disk).
+    from datasets import load_dataset
+
+    stored = hub.repo_dir("curators/again")
+    assert sorted(p.name for p in (stored / "data").iterdir()) == sorted(p.name for p in (one / "data").iterdir())
+    ds = load_dataset(str(stored))
+    assert {s: ds[s].num_rows for s in ds} == _local_rows(one)
+
+
+def test_pushing_to_a_new_branch_drops_the_shards_it_inherits_from_main(
+    hub: FakeHub, export_dir: Path, tmp_path: Path, cli: Any
+) -> None:
+    many = _export(tmp_path, cli, "many", "--shard-rows", "100")
+    jsonl = _export(tmp_path, cli, "jsonl", "--to", "jsonl")
+    assert cli("push", many, "--repo-id", "curators/branchy").exit_code == 0
+    result = cli("push", jsonl, "--repo-id", "curators/branchy", "--revision", "v2")
+    assert result.exit_code == 0, result.stderr
+
+    v2 = hub.files("curators/branchy", "v2")  # created from main, with main's parquet shards
+    assert {p for p in v2 if p.startswith("data/")} == _local_files(jsonl)
+    (config,) = _front_matter(v2["README.md"].decode())["configs"]
+    assert {f["path"] for f in config["data_files"]} == {"data/train-*.jsonl", "data/test-*.jsonl"}
+    assert hub.commits[-1].deleted == sorted(_local_files(many))
+    main = hub.files("curators/branchy", "main")  # the branch's push left main as it was
+    assert {p for p in main if p.startswith("data/")} == _local_files(many)

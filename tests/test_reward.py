@@ -125,3 +125,185 @@ def test_train_sample_is_bounded_and_seeded():
     assert train_sample(50, 100).all()
     mask = train_sample(1000, 100)
     assert mask.sum() == 100 and np.array_equal(mask, train_sample(1000, 100))
+
+
+# -- hf: members whose model takes fewer tokens than --max-length --------------------------------
+
+WORDS = 400
+
+
+def _long_pairs(n: int = 10) -> list[dict]:
+    """Real HH rows: the whole chosen transcript as the prompt (long), the responses' ends (short)."""
+    from tests.conftest import hh_rows
+
+    return [{"prompt": r["chosen"], "chosen": r["chosen"][-150:], "rejected": r["rejected"][-150:]} for r in hh_rows(n)]
+
+
+def _vocab(specials: list[str]) -> dict[str, int]:
+    from collections import Counter
+
+    text = " ".join(p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in _long_pairs())
+    words = [w for w, _ in Counter(text.split()).most_common(WORDS)] + ["User:", "Assistant:"]
+    return {w: i for i, w in enumerate(dict.fromkeys([*specials, *words]))}
+
+
+def _build_encoder_rm(path, kind: str, positions: int, tokenizer_max: int | None):
+    """A tiny random BERT or RoBERTa reward model (1 label), its word-level tokenizer adding
+    ``[CLS] ... [SEP]`` / ``<s> ... </s>``; ``tokenizer_max=None`` leaves model_max_length unset."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        PreTrainedTokenizerFast,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    if kind == "bert":
+        specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+    else:  # RoBERTa's ids: <s>=0, <pad>=1 (the position table's padding_idx), </s>=2
+        specials = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    vocab = _vocab(list(specials.values()))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    first, last = ("[CLS]", "[SEP]") if kind == "bert" else ("<s>", "</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{first} $A {last}", special_tokens=[(first, vocab[first]), (last, vocab[last])]
+    )
+    extra = {"model_max_length": tokenizer_max} if tokenizer_max else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials, **extra)
+    common = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=positions,
+        num_labels=1,
+    )
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = BertForSequenceClassification(BertConfig(**common, pad_token_id=vocab["[PAD]"]))
+    else:
+        model = RobertaForSequenceClassification(RobertaConfig(**common, pad_token_id=1, type_vocab_size=1))
+    fast.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def limited_rms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("limited-rms")
+    return {
+        # BERT with 128 positions and a tokenizer that says so (the QA case)
+        "bert": (_build_encoder_rm(root / "tiny-bert", "bert", 128, 128), 128, "model_max_length 128"),
+        # the tokenizer does not say: the config's positions are the limit
+        "bert-nolimit": (_build_encoder_rm(root / "bert-nolimit", "bert", 96, None), 96, "max_position_embeddings 96"),
+        # RoBERTa numbers positions from padding_idx + 1: 66 embeddings hold 64 tokens
+        "roberta": (
+            _build_encoder_rm(root / "tiny-roberta", "roberta", 66, None),
+            64,
+            "max_position_embeddings 66 less 2 reserved",
+        ),
+    }
+
+
+class _Notes:
+    """A Progress that records its notes."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def task(self, description, total=None, unit="rows"):
+        from prefcurate.stages.base import NullProgress
+
+        return NullProgress().task(description, total, unit)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+@pytest.mark.parametrize("name", ["bert", "bert-nolimit", "roberta"])
+def test_hf_member_caps_max_length_at_the_models_positions(tmp_path, limited_rms, name):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from prefcurate.schema import render_transcript
+    from prefcurate.shards import read_table
+    from prefcurate.stages.score import ScoreConfig, ScoreStage
+    from tests.conftest import make_stage_dir
+
+    path, limit, why = limited_rms[name]
+    member = f"hf_{path.name.replace('-', '_')}"
+    src = make_stage_dir(tmp_path / "in", _long_pairs())
+    progress = _Notes()
+    # The default --max-length 1024 is above what the model takes: scored at the model's limit.
+    manifest, _ = ScoreStage(ScoreConfig(member=[f"hf:{path}"], batch_size=4)).run(
+        src, tmp_path / "out", progress=progress
+    )
+    info = manifest.extra["members"][member]
+    assert info["max_length"] == limit and info["max_length_requested"] == 1024
+    assert why in info["max_length_limited_by"]
+    lowered = [n for n in progress.notes if "lowered" in n]
+    assert len(lowered) == 1 and f"--max-length 1024 lowered to {limit}" in lowered[0] and why in lowered[0]
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    rows = read_table(tmp_path / "out").to_pylist()
+    texts = [(r, side, render_transcript([*r["prompt"], *r[side]])) for r in rows for side in ("chosen", "rejected")]
+    lengths = [len(tok(t)["input_ids"]) for _, _, t in texts]
+    assert max(lengths) > limit and min(lengths) < limit  # both kinds were scored
+    assert info["truncated"] == sum(n > limit for n in lengths)
+    assert any(f"longer than the model's limit of {limit} tokens" in n for n in progress.notes)
+    # Every reward is the model's on the text's last `limit` tokens (special tokens included).
+    tok.truncation_side = "left"
+    for row, side, text in texts:
+        ids = tok([text], truncation=True, max_length=limit, return_tensors="pt")
+        assert ids["input_ids"].shape[1] <= limit
+        with torch.no_grad():
+            expected = float(model(**ids).logits[0, -1])
+        assert row[f"reward_{side}__{member}"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_model_limits_ignore_the_no_limit_sentinel_and_a_smaller_max_length(tmp_path, limited_rms):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from prefcurate.backends.reward_hf import HFRewardScorer, model_limits
+
+    path, _, _ = limited_rms["roberta"]
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.model_max_length > 10**20  # transformers' "unset"
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    assert model_limits(tok, model) == {"the model's max_position_embeddings 66 less 2 reserved": 64}
+    bert, _, _ = limited_rms["bert"]
+    assert list(
+        model_limits(
+            AutoTokenizer.from_pretrained(bert), AutoModelForSequenceClassification.from_pretrained(bert)
+        ).values()
+    ) == [128, 128]
+    assert HFRewardScorer(str(path), "cpu", max_length=32).max_length == 32  # below the limit: as asked
+    assert HFRewardScorer(str(path), "cpu", max_length=1024).max_length == 64
+
+
+def test_model_limits_leave_relative_position_models_to_max_length():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from prefcurate.backends.reward_hf import model_limits
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        num_labels=1,
+    )  # rotary positions: no table to run past, so 32 is no hard limit
+    model = LlamaForSequenceClassification(config)
+
+    class Tokenizer:
+        model_max_length = 32
+
+    assert model_limits(Tokenizer(), model) == {}

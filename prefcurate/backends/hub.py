@@ -11,6 +11,15 @@ What is uploaded from an export directory ``DIR``:
   ``configs`` entry that matches the uploaded files;
 - ``recipe.yaml``: the recipe the data was made with, when pushed from a recipe.
 
+Pushing again (to the same repo, or to a branch created from ``main``) replaces the dataset:
+``data/`` belongs to prefcurate, so the same commit deletes every file under ``data/`` of the
+target revision that this export does not have (old shards, a split no longer exported, the
+other file type), and after a push the revision's ``data/`` is exactly the export's: the
+card's ``configs`` globs (``data/train-*.parquet``) match only the rows just exported.
+Nothing outside ``data/`` is deleted: ``README.md`` is overwritten, ``recipe.yaml`` too when
+one is pushed, and any other file (a user's own notes, ``.gitattributes``, other folders) is
+left as it is.
+
 The token comes from the usual Hub login (``hf auth login``) or ``HF_TOKEN``; it is never
 read from a file of ours, never logged, and a push refuses to upload a text file that
 contains it. ``HF_ENDPOINT`` is honoured at call time (a private Hub, or tests).
@@ -86,6 +95,16 @@ def data_files(directory: Path) -> list[PushFile]:
             f"{directory}: no data files under {DATA_DIR}/", "push the output directory of `prefcurate export`"
         )
     return files
+
+
+def stale_data_files(remote_files: list[str], files: list[PushFile]) -> list[str]:
+    """Files under ``data/`` in the target revision that the export does not have: the push deletes them.
+
+    ``remote_files`` are the revision's file paths; only paths under ``data/`` are ever returned,
+    so files a user keeps elsewhere in the repo survive a push.
+    """
+    keep = {f.path_in_repo for f in files}
+    return sorted(p for p in remote_files if p.startswith(f"{DATA_DIR}/") and p not in keep)
 
 
 def split_configs(files: list[PushFile]) -> list[dict[str, Any]]:
@@ -185,7 +204,7 @@ def push_dataset(
 
 def _upload(files: list[PushFile], config: PushConfig, token: str, message: str) -> str:
     import httpx
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     endpoint = hub_endpoint()
@@ -195,9 +214,13 @@ def _upload(files: list[PushFile], config: PushConfig, token: str, message: str)
         api.create_repo(config.repo_id, repo_type="dataset", private=config.private, exist_ok=True)
         if config.revision and config.revision != "main":
             api.create_branch(config.repo_id, branch=config.revision, repo_type="dataset", exist_ok=True)
-        operations = [
+        operations: list[Any] = [
             CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=_as_upload(f.content)) for f in files
         ]
+        # An earlier push's shards the card's globs would otherwise pick up: deleted in this same commit.
+        remote = api.list_repo_files(config.repo_id, repo_type="dataset", revision=config.revision)
+        stale = stale_data_files(remote, files)
+        operations += [CommitOperationDelete(path_in_repo=p, is_folder=False) for p in stale]
         info = api.create_commit(
             config.repo_id,
             operations,
@@ -222,7 +245,8 @@ def _upload(files: list[PushFile], config: PushConfig, token: str, message: str)
             f"cannot reach {api.endpoint} ({type(exc).__name__})", "check the network or HF_ENDPOINT, then rerun"
         ) from None
     url = where if not config.revision else f"{where}/tree/{config.revision}"
-    return f"{url} (commit {info.oid[:8]})"
+    removed = f"; {len(stale)} data file(s) of an earlier push removed" if stale else ""
+    return f"{url} (commit {info.oid[:8]}{removed})"
 
 
 def _as_upload(content: Path | bytes) -> str | bytes:

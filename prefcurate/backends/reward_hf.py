@@ -13,6 +13,11 @@ logit for a two-label head.
   *start* (``truncation_side="left"``): the end is the response being judged, and cutting
   the end could leave the two responses of a pair with identical visible text. The count
   goes to the manifest and a progress note.
+- ``max_length`` is capped at what the model can take: the tokenizer's ``model_max_length``
+  (unless it is transformers' "no limit" sentinel) and the config's ``max_position_embeddings``
+  less the positions the architecture reserves (RoBERTa-style models number positions from
+  ``padding_idx + 1``, so 514 embeddings hold 512 tokens). A cap below ``--max-length`` is
+  noted once and recorded in the manifest; texts are then truncated to the cap.
 """
 
 from __future__ import annotations
@@ -31,6 +36,46 @@ from prefcurate.stages.base import ProgressTask, StageContext, StageInput
 
 WINDOW_ROWS = 1024  # rows per bucketing window (2 texts each)
 COLUMNS = ("prompt", "chosen", "rejected")
+NO_LIMIT = 10**12  # a tokenizer's model_max_length at or above this is "unset" (transformers writes 1e30)
+
+
+def model_limits(tokenizer: Any, model: Any) -> dict[str, int]:
+    """The most tokens the model takes, keyed by where each limit comes from: only a model with
+    an absolute position table has a hard limit (past it, a crash), its config's
+    ``max_position_embeddings`` less the positions the architecture reserves before the first
+    token (the RoBERTa family keeps ``padding_idx + 1`` slots for padding), and then also the
+    tokenizer's ``model_max_length`` when set to a real value. A model with relative or rotary
+    positions (DeBERTa-v3, Llama) runs past what its tokenizer declares, so ``--max-length``
+    stays the user's choice there.
+    """
+    reserved = _reserved_positions(model)
+    if reserved is None:
+        return {}
+    limits: dict[str, int] = {}
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < NO_LIMIT:
+        limits[f"the tokenizer's model_max_length {tok_max}"] = tok_max
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions - reserved > 0:
+        less = f" less {reserved} reserved" if reserved else ""
+        limits[f"the model's max_position_embeddings {positions}{less}"] = positions - reserved
+    return limits
+
+
+def _reserved_positions(model: Any) -> int | None:
+    """Positions the model's absolute position table spends before the first token, or None
+    when it has no such table.
+
+    RoBERTa, XLM-R, CamemBERT, Longformer and kin build ``position_embeddings`` with
+    ``padding_idx=pad_token_id`` and number real tokens from ``padding_idx + 1``; BERT's table
+    has no padding index and starts at 0.
+    """
+    import torch.nn as nn
+
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe") and isinstance(module, nn.Embedding):
+            return module.padding_idx + 1 if module.padding_idx is not None else 0
+    return None
 
 
 class HFRewardScorer:
@@ -63,6 +108,8 @@ class HFRewardScorer:
                 f"reward model {path!r} has {self.num_labels} labels", "a reward model has 1 output (or 2 classes)"
             )
         self._set_padding()
+        self.limits = model_limits(self.tokenizer, self.model)
+        self.max_length = min([max_length, *self.limits.values()])
         self.model.to(self.device).eval()
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.truncated = 0
@@ -95,7 +142,8 @@ class HFRewardScorer:
         import torch
 
         special = not self.has_template  # a chat template writes its own special tokens
-        ids = self.tokenizer(texts, add_special_tokens=special, truncation=False)["input_ids"]
+        # verbose=False: no "longer than the maximum" warning, the overlong ones are truncated and counted below
+        ids = self.tokenizer(texts, add_special_tokens=special, truncation=False, verbose=False)["input_ids"]
         long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
         if long:
             self.truncated += len(long)
@@ -135,6 +183,8 @@ class WindowScores:
     device: str
     dtype: str
     chat_template: bool
+    max_length: int  # tokens per text actually used: --max-length, or the model's limit below it
+    limits: dict[str, int]
 
 
 class WindowScorer:
@@ -167,6 +217,8 @@ class WindowScorer:
             s.device,
             dtype,
             s.has_template,
+            s.max_length,
+            dict(s.limits),
         )
 
 
@@ -189,7 +241,15 @@ class HFRewardMember:
         remote = getattr(ctx.engine, "map_batches", None) is not None
         make = partial(WindowScorer, self.path, opts.device, opts.max_length, opts.batch_size, None if remote else task)
         rc, rr = np.full(n, np.nan), np.full(n, np.nan)
-        seen: dict[str, Any] = {"device": [], "dtype": [], "chat_template": True, "truncated": 0, "failures": 0}
+        seen: dict[str, Any] = {
+            "device": [],
+            "dtype": [],
+            "chat_template": True,
+            "truncated": 0,
+            "failures": 0,
+            "max_length": None,
+            "limits": {},
+        }
         start = 0
         windows = map_batches(ctx, make, source, columns=COLUMNS, batch_rows=WINDOW_ROWS, uses_gpu=True)
         for w in windows:
@@ -201,6 +261,10 @@ class HFRewardMember:
                     f"{self.spec}: the tokenizer has no chat template; scoring plain 'User:/Assistant:' transcripts"
                 )
             seen["chat_template"] = w.chat_template
+            if seen["max_length"] is None:
+                seen["max_length"], seen["limits"] = w.max_length, w.limits
+                if w.max_length < opts.max_length:
+                    ctx.progress.note(f"{self.spec}: {self._lowered(w.max_length, w.limits)}")
             seen["truncated"] += w.truncated
             seen["failures"] += w.template_failures
             for key in ("device", "dtype"):
@@ -212,19 +276,39 @@ class HFRewardMember:
 
     def _info(self, seen: dict[str, Any], n: int, ctx: StageContext) -> dict[str, Any]:
         opts = self.options
+        max_length = seen["max_length"] or opts.max_length
         info: dict[str, Any] = {
             "device": ",".join(seen["device"]) or opts.device,
             "dtype": ",".join(seen["dtype"]) or None,
-            "max_length": opts.max_length,
+            "max_length": max_length,
             "chat_template": seen["chat_template"],
             "texts": 2 * n,
             "truncated": seen["truncated"],
         }
+        if max_length < opts.max_length:
+            info["max_length_requested"] = opts.max_length
+            info["max_length_limited_by"] = _limited_by(max_length, seen["limits"])
         if seen["failures"]:
             info["template_failures"] = seen["failures"]
         if seen["truncated"]:
+            limit = (
+                f"--max-length {opts.max_length}"
+                if max_length == opts.max_length
+                else f"the model's limit of {max_length}"
+            )
             ctx.progress.note(
-                f"{self.spec}: {seen['truncated']:,} of {2 * n:,} texts were longer than --max-length "
-                f"{opts.max_length} tokens and lost their start"
+                f"{self.spec}: {seen['truncated']:,} of {2 * n:,} texts were longer than {limit} tokens "
+                "and lost their start"
             )
         return info
+
+    def _lowered(self, max_length: int, limits: dict[str, int]) -> str:
+        return (
+            f"--max-length {self.options.max_length} lowered to {max_length} tokens, "
+            f"{_limited_by(max_length, limits)}; longer texts lose their start"
+        )
+
+
+def _limited_by(max_length: int, limits: dict[str, int]) -> str:
+    """Which declared limit set the cap (the tokenizer's first when both agree)."""
+    return next((name for name, value in limits.items() if value == max_length), "the model's limit")
