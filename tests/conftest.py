@@ -139,3 +139,7 @@ def make_stage_dir(path: Path, pairs: list[dict], stage: str = "fixture") -> Pat
     )
     write_stage_dir(path, [table], stage=stage, key=[r["id"] for r in rows])
     return path
+
+
+# The transformer size of the tiny random reward models the tests build (tests/test_score.py, test_reward.py)
+TINY_LAYERS = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}

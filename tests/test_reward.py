@@ -8,6 +8,7 @@ import pytest
 from prefcurate.backends.reward import MemberOptions, combine_margins, judge_margin, member_name, parse_members
 from prefcurate.backends.reward_bt import CrossFitBT, Embedded, train_sample
 from prefcurate.errors import ConfigError
+from tests.conftest import TINY_LAYERS
 
 
 def test_standardization_removes_a_members_scale_but_keeps_signs():
@@ -173,15 +174,7 @@ def _build_encoder_rm(path, kind: str, positions: int, tokenizer_max: int | None
     )
     extra = {"model_max_length": tokenizer_max} if tokenizer_max else {}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials, **extra)
-    common = dict(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=positions,
-        num_labels=1,
-    )
+    common = dict(vocab_size=len(vocab), **TINY_LAYERS, max_position_embeddings=positions, num_labels=1)
     torch.manual_seed(0)
     if kind == "bert":
         model = BertForSequenceClassification(BertConfig(**common, pad_token_id=vocab["[PAD]"]))
@@ -286,24 +279,13 @@ def test_model_limits_ignore_the_no_limit_sentinel_and_a_smaller_max_length(tmp_
     assert HFRewardScorer(str(path), "cpu", max_length=1024).max_length == 64
 
 
-def test_model_limits_leave_relative_position_models_to_max_length():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+def test_model_limits_leave_relative_position_models_to_max_length(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from prefcurate.backends.reward_hf import model_limits
+    from tests.test_score import _build_rm
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        num_labels=1,
-    )  # rotary positions: no table to run past, so 32 is no hard limit
-    model = LlamaForSequenceClassification(config)
-
-    class Tokenizer:
-        model_max_length = 32
-
-    assert model_limits(Tokenizer(), model) == {}
+    path = _build_rm(tmp_path / "llama", ["hello", "world"], template=False)  # rotary positions, 512 declared
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.model_max_length = 32
+    assert model_limits(tok, AutoModelForSequenceClassification.from_pretrained(path)) == {}  # no table to run past

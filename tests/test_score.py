@@ -11,7 +11,7 @@ import pytest
 
 from prefcurate.shards import Manifest, count_rows, read_table
 from prefcurate.stages.score import ScoreConfig, ScoreStage
-from tests.conftest import hh_rows, make_stage_dir
+from tests.conftest import TINY_LAYERS, hh_rows, make_stage_dir
 
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
 
@@ -37,10 +37,7 @@ def _build_rm(path: Path, words: list[str], template: bool, head_scale: float = 
         fast.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        **TINY_LAYERS,
         num_key_value_heads=2,
         num_labels=1,
         pad_token_id=0,
