@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prefcurate.errors import InputError
+from prefcurate.errors import DataError, InputError
 
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
@@ -88,39 +88,45 @@ def iter_batches(
     for path in shard_paths(stage_dir, subdir):
         if left == 0:
             return
-        pf = pq.ParquetFile(path)
-        cols = list(columns) if columns is not None else None
-        if cols is not None:
-            missing = [c for c in cols if c not in pf.schema_arrow.names]
-            if missing:
-                raise InputError(
-                    f"{path}: column(s) {', '.join(missing)} not present",
-                    "run the stage that produces them first",
-                )
-        meta = pf.metadata
-        if skip >= meta.num_rows:
-            skip -= meta.num_rows
-            continue
-        groups = None
-        if skip:
-            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            first = 0
-            while skip >= sizes[first]:
-                skip -= sizes[first]
-                first += 1
-            groups = range(first, len(sizes))
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols, row_groups=groups):
-            if skip >= batch.num_rows:
-                skip -= batch.num_rows
+        try:
+            pf = pq.ParquetFile(path)
+            cols = list(columns) if columns is not None else None
+            if cols is not None:
+                missing = [c for c in cols if c not in pf.schema_arrow.names]
+                if missing:
+                    raise InputError(
+                        f"{path}: column(s) {', '.join(missing)} not present",
+                        "run the stage that produces them first",
+                    )
+            meta = pf.metadata
+            if skip >= meta.num_rows:
+                skip -= meta.num_rows
                 continue
+            groups = None
             if skip:
-                batch, skip = batch.slice(skip), 0
-            if left is not None:
-                if batch.num_rows >= left:
-                    yield batch.slice(0, left)
-                    return
-                left -= batch.num_rows
-            yield batch
+                sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+                first = 0
+                while skip >= sizes[first]:
+                    skip -= sizes[first]
+                    first += 1
+                groups = range(first, len(sizes))
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=cols, row_groups=groups):
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                if skip:
+                    batch, skip = batch.slice(skip), 0
+                if left is not None:
+                    if batch.num_rows >= left:
+                        yield batch.slice(0, left)
+                        return
+                    left -= batch.num_rows
+                yield batch
+        except (OSError, pa.ArrowInvalid) as exc:  # truncated, corrupted ("ZSTD ... data corruption")
+            text = str(exc).strip()
+            raise DataError(
+                f"unreadable shard ({text.splitlines()[0] if text else type(exc).__name__})", file=str(path)
+            ) from None
 
 
 def read_table(stage_dir: str | Path, columns: Sequence[str] | None = None, subdir: str = DATA_DIR) -> pa.Table:

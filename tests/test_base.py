@@ -201,3 +201,15 @@ def test_an_export_directory_is_not_a_stage_input(pairs_dir, tmp_path):
     with pytest.raises(InputError, match="an export"):
         ShortFilter(ShortFilterConfig()).run(tmp_path / "export", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_input_shard_is_one_line_naming_it(pairs_dir, tmp_path, cli):
+    shard = next((pairs_dir / "data").glob("*.parquet"))
+    data = bytearray(shard.read_bytes())
+    third = len(data) // 3
+    data[third : third + 4000] = bytes(min(4000, len(data) - third))  # zeros over a column chunk
+    shard.write_bytes(bytes(data))
+    result = cli("filter", pairs_dir, "-o", tmp_path / "out", "--min-length-ratio", "0.5")
+    assert result.exit_code == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and shard.name in result.stderr
+    assert "unreadable shard" in result.stderr and not (tmp_path / "out").exists()

@@ -402,3 +402,22 @@ def test_unknown_engine_is_rejected(cli: Any, tmp_path: Path) -> None:
     result = cli("filter", src, "-o", tmp_path / "out", "--engine", "spark")
     assert result.exit_code == 2
     assert "spark" in result.stderr
+
+
+def test_an_unreachable_ray_address_is_one_line_at_once(tmp_path, cli, monkeypatch):
+    import socket
+
+    import ray
+
+    if ray.is_initialized():  # an earlier test's local Ray: the address is checked when Ray starts
+        ray.shutdown()
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    src = make_stage_dir(tmp_path / "in", [{"prompt": "p", "chosen": "a b", "rejected": "c"}])
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    result = cli("filter", src, "-o", tmp_path / "out", "--drop-ties", "--engine", "ray")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import pickle
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,31 @@ def _ensure_ray(ray: Any) -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS") or None
+    _check_reachable(address)
     ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
+        address=address,
         include_dashboard=False,
         logging_level=logging.ERROR,
         log_to_driver=False,
     )
+
+
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address that takes no TCP connection is one line
+    now: ``ray.init`` retries such an address for minutes, logging, before it gives up."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise StageFailed(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({exc.strerror or exc})",
+            "start the cluster (ray start --head), fix RAY_ADDRESS, or unset it for a local Ray",
+        ) from None
 
 
 def work_items(source: StageInput) -> list[dict[str, Any]]:
@@ -213,6 +233,7 @@ class RayEngine:
 
     def _map(self, stage: Stage, source: StageInput, ctx: StageContext, plan: Any) -> Iterator[BatchResult]:
         paths = {"workdir": str(ctx.workdir), "output": str(ctx.output), "cache_dir": str(ctx.cache_dir)}
+        _ensure_ray(self.ray)  # before ``put``, which would start Ray on its own terms
         plan_arg = [self.ray.put(plan)] if plan is not None else None
         args = (type(stage), stage.config.model_dump(mode="json"), plan_arg, paths, self.batch_rows)
         task = ctx.progress.task(stage.name, total=source.num_rows)

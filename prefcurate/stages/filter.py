@@ -207,22 +207,28 @@ class FilterStage(TwoPhaseStage):
 
     # -- pass 1: every decision, from only the columns the rules need ---------------------
     def _read_columns(self, source: StageInput) -> dict[str, np.ndarray]:
+        """The per-row values the chosen rules compare (float64; ``length_ratio`` computed from
+        the texts), each filled in place batch by batch: ~8 bytes a row per column, only for
+        the columns the rules use, plus ``margin_mean`` when present (the strength figures)."""
         cfg: FilterConfig = self.config  # type: ignore[assignment]
-        wanted = [
-            c for c in ("margin_mean", "margin_agree", "margin_std", "tie", "judge_consistent") if c in source.columns
-        ]
+        needed = {"margin_mean"} | cfg.requires()
+        if cfg.flip:
+            needed.add("tie")  # a tie is never flipped
+        numeric = [c for c in ("margin_mean", "margin_agree", "margin_std", "tie", "judge_consistent") if c in needed]
+        numeric = [c for c in numeric if c in source.columns]
+        texts = ["chosen", "rejected"] if cfg.length_ratio else []
+        n = source.num_rows
+        out = {name: np.empty(n, np.float64) for name in numeric}
         if cfg.length_ratio:
-            wanted += ["chosen", "rejected"]
-        cols: dict[str, list[np.ndarray]] = {c: [] for c in wanted if c not in ("chosen", "rejected")}
-        ratios: list[np.ndarray] = []
-        for batch in source.batches(columns=wanted or ["id"]):
-            for name in cols:
-                cols[name].append(as_float(batch.column(name)))
+            out["length_ratio"] = np.empty(n, np.float64)
+        at = 0
+        for batch in source.batches(columns=[*numeric, *texts] or ["id"]):
+            stop = at + batch.num_rows
+            for name in numeric:
+                out[name][at:stop] = as_float(batch.column(name))
             if cfg.length_ratio:
-                ratios.append(_length_ratio(batch))
-        out = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
-        if cfg.length_ratio:
-            out["length_ratio"] = np.concatenate(ratios) if ratios else np.zeros(0)
+                out["length_ratio"][at:stop] = _length_ratio(batch)
+            at = stop
         return out
 
     def plan(self, source: StageInput, ctx: StageContext) -> dict[str, np.ndarray]:
