@@ -72,3 +72,10 @@ class StageFailed(PrefcurateError):
     """A stage failed at run time for a reason outside the input (network, model, disk)."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): what a
+    one-line error quotes of a library's failure."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prefcurate.errors import DataError, InputError
+from prefcurate.errors import DataError, InputError, first_line
 
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
@@ -123,10 +123,7 @@ def iter_batches(
                     left -= batch.num_rows
                 yield batch
         except (OSError, pa.ArrowInvalid) as exc:  # truncated, corrupted ("ZSTD ... data corruption")
-            text = str(exc).strip()
-            raise DataError(
-                f"unreadable shard ({text.splitlines()[0] if text else type(exc).__name__})", file=str(path)
-            ) from None
+            raise DataError(f"unreadable shard ({first_line(exc)})", file=str(path)) from None
 
 
 def read_table(stage_dir: str | Path, columns: Sequence[str] | None = None, subdir: str = DATA_DIR) -> pa.Table:

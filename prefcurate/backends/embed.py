@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from prefcurate.errors import InputError, MissingDependency
+from prefcurate.errors import InputError, MissingDependency, first_line
 from prefcurate.stages.base import ProgressTask, default_cache_dir
 from prefcurate.steps import Steps, run_steps
 
@@ -739,9 +739,8 @@ def _load_sentence_transformer(name_or_path: str, device: str) -> Any:
         with _quiet_hf():
             model = SentenceTransformer(name_or_path, device=device)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"could not load embedding model {name_or_path!r}: {first}",
+            f"could not load embedding model {name_or_path!r}: {first_line(exc)}",
             "give a local model path, or --model static / minilm (shipped, offline)",
         ) from None
     if device == "cuda":

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from prefcurate.backends.embed import text_keys
-from prefcurate.errors import InputError
+from prefcurate.errors import InputError, first_line
 from prefcurate.schema import render_text
 from prefcurate.shards import is_stage_dir, iter_batches
 from prefcurate.steps import Steps, run_steps
@@ -259,8 +259,7 @@ def load_eval_set(paths: Sequence[Path]) -> EvalSet:
                     texts.append(text)
         except (OSError, EOFError, UnicodeDecodeError, zlib.error, pa.ArrowException) as exc:
             # a corrupt Parquet or gzip file, bytes that are not UTF-8: one line, not a traceback
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"--against {path}: unreadable ({reason})") from None
+            raise InputError(f"--against {path}: unreadable ({first_line(exc)})") from None
     if paths and not texts:
         raise InputError(
             f"--against {', '.join(map(str, paths))}: no prompts found",

@@ -11,8 +11,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from prefcurate.errors import DataError
-from prefcurate.stages.ingest_read import BATCH_ROWS, RawChunk, Source, checked_chunk, first_line
+from prefcurate.errors import DataError, first_line
+from prefcurate.stages.ingest_read import BATCH_ROWS, RawChunk, Source, checked_chunk
 
 
 def read_hf_dir(source: Source, on_progress: Callable[[int], None]) -> Iterator[RawChunk]:

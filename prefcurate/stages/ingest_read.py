@@ -41,7 +41,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from prefcurate.errors import DataError
+from prefcurate.errors import DataError, first_line
 
 BLOCK_BYTES = 8 << 20
 BATCH_ROWS = 16_384
@@ -729,7 +729,3 @@ def _string_as_binary(dtype: pa.DataType) -> pa.DataType:
 
 def _bytes_text(value: Any) -> str:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
-
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
