@@ -12,7 +12,7 @@ from prefcurate.errors import ConfigError, InputError
 from prefcurate.recipe import Recipe, StageSpec, check_columns, check_options, load_recipe
 from prefcurate.shards import Manifest, check_output_dir
 from prefcurate.stages import get_stage
-from prefcurate.stages.base import NullProgress, Progress
+from prefcurate.stages.base import NullProgress, Progress, request_cache
 from prefcurate.stages.ingest_read import HUB_PREFIX, expand_globs
 
 
@@ -72,11 +72,11 @@ def check_run_inputs(recipe: Recipe) -> None:
     # output over the recipe's inputs or over another stage's directory is refused before work.
     sources = [Path(s) for s in expand_globs(list(recipe.input.config.sources)) if not s.startswith(HUB_PREFIX)]
     dirs = [directory for _, directory in stage_dirs(recipe)]
-    cache = recipe.workdir / "cache"
+    cache = request_cache(recipe.workdir)
     for directory in dirs:
-        check_output_dir(directory, [*sources, *against], [(cache, f"the request cache {cache}")])
+        check_output_dir(directory, [*sources, *against], [cache])
     if recipe.output is not None:
-        reserved = [(cache, f"the request cache {cache}")] + [(d, f"the stage directory {d}") for d in dirs]
+        reserved = [cache] + [(d, f"the stage directory {d}") for d in dirs]
         check_output_dir(recipe.output.dir, [*sources, *against], reserved)
 
 

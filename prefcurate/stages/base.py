@@ -99,6 +99,13 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "prefcurate"
 
 
+def request_cache(workdir: str | Path) -> tuple[Path, str]:
+    """(the directory of the run's per-run caches: the judge's request cache, what it is
+    called in errors). No stage output may be, hold or lie in it (``check_output_dir``)."""
+    path = Path(workdir) / "cache"
+    return path, f"the request cache {path}"
+
+
 @dataclass
 class StageContext:
     """What a running stage may use besides its input."""
@@ -284,9 +291,9 @@ class Stage:
         """Run the stage from ``input_dir`` into ``output_dir``; returns (manifest, skipped)."""
         workdir = Path(workdir).expanduser() if workdir is not None else None
         inputs = [*([input_dir] if input_dir is not None else []), *self.input_paths()]
-        # the judge's request cache lives in WORKDIR/cache (WORKDIR: the output's parent by default)
-        cache = (workdir or Path(output_dir).expanduser().resolve().parent) / "cache"
-        output_dir = check_output_dir(output_dir, inputs, [(cache, f"the request cache {cache}")])
+        # WORKDIR (the output's parent by default) holds the request cache
+        cache = request_cache(workdir or Path(output_dir).expanduser().resolve().parent)
+        output_dir = check_output_dir(output_dir, inputs, [cache])
         source = StageInput(input_dir) if input_dir is not None else None
         if source is not None:
             if source.manifest is not None and source.manifest.stage == "export":

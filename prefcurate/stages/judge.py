@@ -43,7 +43,16 @@ import typer
 from pydantic import Field, field_validator, model_validator
 
 from prefcurate.errors import ConfigError
-from prefcurate.stages.base import BatchResult, Stage, StageConfig, StageContext, StageInput, as_table, split
+from prefcurate.stages.base import (
+    BatchResult,
+    Stage,
+    StageConfig,
+    StageContext,
+    StageInput,
+    as_table,
+    request_cache,
+    split,
+)
 from prefcurate.stages.judge_session import JudgeSession, Plan, RowVerdict
 
 WINDOW = 8
@@ -236,7 +245,7 @@ class JudgeStage(Stage):
         assert source is not None, "judge needs an input directory"
         cfg = self.config
         plan = Plan.from_config(cfg)
-        cache_path = Path(ctx.workdir) / "cache" / "judge.sqlite"
+        cache_path = request_cache(ctx.workdir)[0] / "judge.sqlite"
         if cfg.dry_run:
             self._dry_run(source, plan, cache_path)
         if source.num_rows == 0:
