@@ -56,11 +56,10 @@ def data_files(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"{directory}: no such directory", "give a stage directory or a directory of shards")
-    has_manifest = (directory / MANIFEST).is_file()
-    files = _shards(directory / DATA_DIR if has_manifest else directory)
-    if not files and not has_manifest:
-        files = _shards(directory / DATA_DIR)
-    if not files and not has_manifest:
+    if (directory / MANIFEST).is_file():
+        return _shards(directory / DATA_DIR)
+    files = _shards(directory) or _shards(directory / DATA_DIR)
+    if not files:
         raise InputError(f"{directory}: no .parquet or .jsonl files", "give a stage directory (with manifest.json)")
     return files
 

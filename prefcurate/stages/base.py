@@ -203,7 +203,13 @@ def split(
 def check_canonical(source: StageInput, needed: set[str], stage: str) -> None:
     """An ``InputError`` when ``source`` lacks a canonical column the stage needs, or holds
     one with another type: an export directory (TRL, OpenRLHF or KTO layout, prompts as
-    text) or other outside data used as a stage input crashed deep in the stage instead."""
+    text) or other outside data used as a stage input crashed deep in the stage instead. An
+    export directory is refused whatever its columns (OpenRLHF's chosen holds the prompt too)."""
+    if source.manifest is not None and source.manifest.stage == "export":
+        raise InputError(
+            f"{source.dir}: an export (a training layout, not the canonical schema), not a stage input",
+            "give the stage directory it was exported from, or `prefcurate ingest` it",
+        )
     hint = "give a prefcurate stage directory; other data (an export, a TRL dataset) goes through `prefcurate ingest`"
     names = set(source.columns)
     missing = sorted(c for c in needed & set(SCHEMA.names) if c not in names)
@@ -296,11 +302,6 @@ class Stage:
         output_dir = check_output_dir(output_dir, inputs, [cache])
         source = StageInput(input_dir) if input_dir is not None else None
         if source is not None:
-            if source.manifest is not None and source.manifest.stage == "export":
-                raise InputError(
-                    f"{source.dir}: an export (a training layout, not the canonical schema), not a stage input",
-                    "give the stage directory it was exported from, or `prefcurate ingest` it",
-                )
             check_canonical(source, self.config.requires(), self.name)
         in_fp = self.input_fingerprint(source)
         out_fp = fingerprint(self.name, __version__, in_fp, self.config.fingerprint_params())

@@ -291,13 +291,7 @@ def _read_eval(path: Path) -> Iterable[tuple[str, str]]:
                 yield f"{path.name}:{i}", _record_prompt(_json(line, path, i), path, i)
     elif name.endswith((".json", ".json.gz")):
         data = _json(_open_text(path).read(), path, None)
-        records = (
-            data
-            if isinstance(data, list)
-            else data.get("data", data.get("rows", [data]))
-            if isinstance(data, dict)
-            else None
-        )
+        records = data.get("data", data.get("rows", [data])) if isinstance(data, dict) else data
         if not isinstance(records, list):
             raise InputError(f"--against {path}: not a JSON array of prompts or records")
         for i, rec in enumerate(records, 1):

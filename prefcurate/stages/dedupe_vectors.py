@@ -102,6 +102,7 @@ _FIT_ROWS = 4096  # rows embedded before the join's basis is fitted on them (``i
 _JOIN_CHUNK = 1024  # the join's operands are filled this many rows at a time (a few ms on one thread)
 _HOLD_OUT = 1024  # of those, held out of the fit to measure the basis on (``JoinOperands.fits``)
 _AHEAD_MIN_ROWS = 50_000  # the join's operands are built during the pass from this many rows on
+_MOVE_ROWS = 8192  # rows moved at a time when the vectors are put in row order (``_in_order``)
 
 
 class RowVectors:
@@ -356,8 +357,8 @@ class RowVectors:
         if self.matrix is None:
             return np.zeros((len(src), len(self.names) * self.embedder.dim), np.float16), None
         if len(src) and np.all(src[1:] > src[:-1]):
-            for lo in range(0, len(src), 8192):
-                part = src[lo : lo + 8192]
+            for lo in range(0, len(src), _MOVE_ROWS):
+                part = src[lo : lo + _MOVE_ROWS]
                 if part[0] != lo or part[-1] != lo + len(part) - 1:  # nothing to move where slots match
                     self.matrix[lo : lo + len(part)] = self.matrix[part]
                     if join is not None:
@@ -366,8 +367,8 @@ class RowVectors:
         if not self.storage.in_file:
             return self.matrix[src], join.take(src) if join is not None else None
         out = self.storage.empty((len(src), self.matrix.shape[1]), np.float16)
-        for lo in range(0, len(src), 8192):  # a chunk at a time: no (rows x width) temporary in memory
-            out[lo : lo + 8192] = self.matrix[src[lo : lo + 8192]]
+        for lo in range(0, len(src), _MOVE_ROWS):  # a chunk at a time: no (rows x width) temporary
+            out[lo : lo + _MOVE_ROWS] = self.matrix[src[lo : lo + _MOVE_ROWS]]
         return out, join.take(src, empty=self.storage.empty) if join is not None else None
 
 

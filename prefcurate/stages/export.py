@@ -8,7 +8,7 @@ Layouts (``--format``):
   ending with ``"\\n\\nAssistant:"`` so the model sees where its reply starts.
   ``chosen``/``rejected`` are the assistant contents (several messages joined by blank lines).
   An empty prompt (no messages: an implicit-prompt pair with no shared prefix) is ``""``,
-  whatever the other rows of its batch hold (``layout_rows``).
+  whatever the other rows of its batch hold (``export_layouts.prompt_text``).
 - ``trl-chat``: TRL's conversational format: ``prompt``, ``chosen``, ``rejected`` as
   ``[{role, content}]`` lists (lossless; the default).
 - ``openrlhf``: OpenRLHF's reward-model / DPO layout: ``chosen`` and ``rejected`` are whole

@@ -214,8 +214,11 @@ class FilterStage(TwoPhaseStage):
         needed = {"margin_mean"} | cfg.requires()
         if cfg.flip:
             needed.add("tie")  # a tie is never flipped
-        numeric = [c for c in ("margin_mean", "margin_agree", "margin_std", "tie", "judge_consistent") if c in needed]
-        numeric = [c for c in numeric if c in source.columns]
+        numeric = [
+            c
+            for c in ("margin_mean", "margin_agree", "margin_std", "tie", "judge_consistent")
+            if c in needed and c in source.columns
+        ]
         texts = ["chosen", "rejected"] if cfg.length_ratio else []
         n = source.num_rows
         out = {name: np.empty(n, np.float64) for name in numeric}

@@ -470,7 +470,7 @@ class _Rejects:
         self.reasons: list[str] = []
 
     def add(self, raw: str, row: int | None, reason: str) -> None:
-        self.raw.append(raw if raw.isascii() or not _SURROGATE.search(raw) else _printable(raw))
+        self.raw.append(raw if _valid_text(raw) else _printable(raw))
         self.rows.append(row)
         self.reasons.append(reason)
 
